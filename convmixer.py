@@ -1,0 +1,183 @@
+"""ConvMixer, from "Patches Are All You Need?" (Trockman & Kolter, 2022), in plain PyTorch.
+
+ConvMixer cuts the image into p x p patches with one strided convolution (the same thing as
+ViT's linear patch embedding) and then repeats one block `depth` times at a fixed resolution
+and width ("isotropic", like ViT and MLP-Mixer):
+
+    spatial mixing:  x = x + BN(GELU(depthwise k x k conv(x)))   each channel looks at its neighbours
+    channel mixing:  x = BN(GELU(1x1 conv(x)))                    each position mixes its channels
+
+then averages over all positions and classifies with one linear layer. Convolutions take the
+place of self-attention (ViT) and of the token-mixing MLP (MLP-Mixer).
+
+    from convmixer import ConvMixer
+    model = ConvMixer(dim=256, depth=8, kernel_size=9, patch_size=1, n_classes=10)
+    logits = model(torch.randn(2, 3, 32, 32))                     # (2, 10)
+
+`ConvMixer(...)` returns a plain `nn.Sequential` laid out exactly as in the paper's
+"280-character" model, so its `state_dict()` keys are the published ones. Weights saved with
+timm's ConvMixer (`stem.*`, `blocks.*`, `head.*`) load after `from_timm(state_dict)`;
+`to_timm(state_dict)` goes the other way.
+
+This file imports only torch.
+"""
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    """fn(x) + x. In ConvMixer it wraps only the depthwise (spatial-mixing) part of a block."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def patch_embedding(in_chans: int, dim: int, patch_size: int, activation=nn.GELU) -> list:
+    """The stem: each non-overlapping p x p patch becomes one `dim`-vector.
+
+    A p x p convolution with stride p is a linear map applied to every patch, i.e. ViT's
+    "flatten patches, then nn.Linear". (B, in_chans, H, W) -> (B, dim, H//p, W//p).
+    Returned as a list of layers because the published layout puts them at the top level.
+    """
+    return [
+        nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
+        activation(),
+        nn.BatchNorm2d(dim),
+    ]
+
+
+def mixer_block(dim: int, kernel_size: int, activation=nn.GELU) -> nn.Sequential:
+    """One ConvMixer block; shape-preserving, (B, dim, h, w) -> (B, dim, h, w)."""
+    return nn.Sequential(
+        # Spatial mixing: one k x k filter per channel (groups=dim), so it mixes positions but
+        # never channels; the residual lets the block start close to the identity.
+        Residual(nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+            activation(),
+            nn.BatchNorm2d(dim),
+        )),
+        # Channel mixing: a 1x1 convolution is one linear layer applied at every position.
+        nn.Conv2d(dim, dim, kernel_size=1),
+        activation(),
+        nn.BatchNorm2d(dim),
+    )
+
+
+def classifier_head(dim: int, n_classes: int) -> list:
+    """Global average pooling, then a linear layer: (B, dim, h, w) -> (B, n_classes)."""
+    return [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes)]
+
+
+def ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *,
+              in_chans=3, activation=nn.GELU) -> nn.Sequential:
+    """ConvMixer-`dim`/`depth`: a plain nn.Sequential in the published layout.
+
+    Indices: 0-2 the patch embedding (conv, activation, BatchNorm); 3 .. depth+2 the blocks;
+    then AdaptiveAvgPool2d, Flatten and the Linear head at index depth+5.
+
+    Any input size works. The patch embedding has no padding, so when H or W is not a multiple
+    of `patch_size` the last H % p rows (W % p columns) are dropped, as in the original code:
+    a 31x29 input with p=3 gives a 10x9 grid of patches. Inside the blocks, padding="same"
+    zero-pads so the grid keeps its size; for an even kernel_size PyTorch puts the extra row
+    and column of padding at the bottom and right.
+
+    `activation` is a class or function returning a module (nn.GELU as in the paper; nn.ReLU
+    for the released ConvMixer-768/32).
+    """
+    for name, value, minimum in [("dim", dim, 1), ("depth", depth, 0), ("kernel_size", kernel_size, 1),
+                                 ("patch_size", patch_size, 1), ("n_classes", n_classes, 1),
+                                 ("in_chans", in_chans, 1)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive" if minimum == 1 else "a non-negative"
+            raise ValueError(f"ConvMixer: {name} must be {kind} int, got {value!r}")
+    if not callable(activation):
+        raise ValueError(f"ConvMixer: activation must be a callable that returns an nn.Module, "
+                         f"got {activation!r}")
+    return nn.Sequential(
+        *patch_embedding(in_chans, dim, patch_size, activation),
+        *[mixer_block(dim, kernel_size, activation) for _ in range(depth)],
+        *classifier_head(dim, n_classes),
+    )
+
+
+# The published models, with the settings of their released weights (paper, Table 1 and
+# the official repository's README: ImageNet-1k top-1 81.37%, 80.16% and 79.45%).
+
+def convmixer_1536_20(n_classes=1000, **kwargs):
+    return ConvMixer(1536, 20, kernel_size=9, patch_size=7, n_classes=n_classes, **kwargs)
+
+
+def convmixer_768_32(n_classes=1000, **kwargs):
+    kwargs.setdefault("activation", nn.ReLU)   # the released 768/32 weights were trained with ReLU
+    return ConvMixer(768, 32, kernel_size=7, patch_size=7, n_classes=n_classes, **kwargs)
+
+
+def convmixer_1024_20(n_classes=1000, **kwargs):
+    return ConvMixer(1024, 20, kernel_size=9, patch_size=14, n_classes=n_classes, **kwargs)
+
+
+def convmixer_cifar10(**kwargs):
+    """ConvMixer-256/8, kernel 9, patch 1: the paper's CIFAR-10 model (Table 4: 96.03%)."""
+    return ConvMixer(256, 8, kernel_size=9, patch_size=1, n_classes=10, **kwargs)
+
+
+# Weight conversion. timm names the same layers stem.{0,2}, blocks.{i}.{0.fn.0, 0.fn.2, 1, 3}
+# and head; the published layout numbers them 0-2, 3+i and depth+5. Only names change.
+
+def _unwrap(state_dict):
+    """Accept a training checkpoint ({"state_dict": ...}) and DataParallel's "module." prefix."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def from_timm(state_dict) -> dict:
+    """Return a copy of a ConvMixer state_dict with the published (nn.Sequential) key names.
+
+    Takes timm's key names or the published ones (those pass through unchanged), so
+    `ConvMixer(...).load_state_dict(from_timm(sd))` works for either.
+    """
+    state_dict = _unwrap(state_dict)
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    converted = {}
+    for key, value in state_dict.items():
+        first, _, rest = key.partition(".")
+        if first == "stem":
+            new_key = rest                                   # stem.0.weight -> 0.weight
+        elif first == "blocks":
+            block, _, rest = rest.partition(".")
+            new_key = f"{3 + int(block)}.{rest}"              # blocks.2.1.weight -> 5.1.weight
+        elif first == "head":
+            new_key = f"{depth + 5}.{rest}"                   # head.weight -> {depth+5}.weight
+        elif first.isdigit():
+            new_key = key                                     # already the published layout
+        else:
+            raise ValueError(f"from_timm: unexpected key {key!r} in state_dict")
+        converted[new_key] = value
+    return converted
+
+
+def to_timm(state_dict) -> dict:
+    """Return a copy of a published-layout state_dict with timm's ConvMixer key names."""
+    state_dict = _unwrap(state_dict)
+    depth = len({k.split(".")[0] for k in state_dict if ".0.fn.0." in k})
+    converted = {}
+    for key, value in state_dict.items():
+        first, _, rest = key.partition(".")
+        if not first.isdigit():
+            raise ValueError(f"to_timm: key {key!r} is not in the published ConvMixer layout")
+        index = int(first)
+        if index < 3:
+            new_key = f"stem.{key}"
+        elif index < 3 + depth:
+            new_key = f"blocks.{index - 3}.{rest}"
+        elif index == depth + 5:
+            new_key = f"head.{rest}"
+        else:
+            raise ValueError(f"to_timm: key {key!r} does not fit a ConvMixer of depth {depth}")
+        converted[new_key] = value
+    return converted
