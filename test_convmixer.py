@@ -260,3 +260,171 @@ def test_bad_arguments_raise_value_error_naming_them(name, kwargs):
     args = dict(dim=8, depth=1, kernel_size=3, patch_size=2, n_classes=10) | kwargs
     with pytest.raises(ValueError, match=name):
         ConvMixer(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# train_cifar.py, run as a user runs it
+
+def cifar10_root():
+    """Where the real CIFAR-10 is (CI unpacks it and sets CIFAR10_ROOT), or None."""
+    for root in (os.environ.get("CIFAR10_ROOT"), str(HERE / "data")):
+        if root and (Path(root) / "cifar-10-batches-py" / "test_batch").exists():
+            return root
+    return None
+
+
+REAL_DATA = cifar10_root()
+TINY = ["--hdim", "32", "--depth", "2", "--ksize", "5", "--psize", "2", "--epochs", "3",
+        "--batch-size", "128", "--device", "cpu", "--seed", "0"]
+TINY += ["--data", REAL_DATA, "--subset", "3000"] if REAL_DATA else ["--fake-data", "1000"]
+
+
+def run_script(*args, check=True, timeout=600):
+    result = subprocess.run([sys.executable, str(HERE / "train_cifar.py"), *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def without_timings(records):
+    timing = {"epoch_seconds", "images_per_second", "wall_seconds"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in records
+            if "train_loss" in r or r.get("final")]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run_script(*TINY, "--workers", "0", "--out", out)
+    return out, result
+
+
+def test_training_run_writes_its_log_and_model(reference_run):
+    out, result = reference_run
+    log = read_log(out)
+    assert set(log[0]) >= {"config", "versions", "device"} and log[0]["config"]["hdim"] == 32
+    epochs = [r for r in log if "train_loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    for r in epochs:
+        assert set(r) >= {"epoch", "train_loss", "train_acc", "test_acc", "lr", "epoch_seconds",
+                          "images_per_second"}
+    final = log[-1]
+    assert final["final"] and set(final) >= {"test_acc", "test_acc_flip_tta", "wall_seconds", "device"}
+    assert final["test_acc"] == epochs[-1]["test_acc"]               # the last epoch's, not the best
+    assert epochs[-1]["lr"] == 0.0 and max(r["lr"] for r in epochs) <= 0.01
+    assert f"final test accuracy {final['test_acc']:.2f}%" in result.stdout
+
+    saved = torch.load(out / "model.pt", weights_only=True)
+    c = saved["config"]
+    assert set(c) >= {"hdim", "depth", "ksize", "psize", "n_classes", "mean", "std"}
+    model = ConvMixer(c["hdim"], c["depth"], c["ksize"], c["psize"], c["n_classes"])
+    model.load_state_dict(saved["state_dict"], strict=True)
+    assert (out / "last.pt").exists() and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.skipif(REAL_DATA is None, reason="needs the real CIFAR-10 (set CIFAR10_ROOT)")
+def test_tiny_model_learns_real_cifar10(reference_run):
+    assert read_log(reference_run[0])[-1]["test_acc"] > 25.0         # chance is 10%
+
+
+def test_eval_reproduces_the_logged_accuracy(reference_run):
+    out, _ = reference_run
+    data = ["--data", REAL_DATA] if REAL_DATA else ["--fake-data", "1000"]
+    result = run_script("--eval", out / "model.pt", "--device", "cpu", *data)
+    assert f"test accuracy {read_log(out)[-1]['test_acc']:.2f}%" in result.stdout
+
+
+def test_same_seed_same_run_with_any_number_of_workers(reference_run, tmp_path):
+    run_script(*TINY, "--workers", "2", "--out", tmp_path / "again")
+    assert without_timings(read_log(tmp_path / "again")) == without_timings(read_log(reference_run[0]))
+
+
+def test_interrupt_then_resume_equals_uninterrupted(reference_run, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), *TINY, "--workers", "0",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "log.jsonl").exists() and '"epoch": 1' in (out / "log.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)                                  # during epoch 2
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stdout + stderr
+    assert "--resume --out" in stderr and "Traceback" not in stderr
+    assert not (out / "model.pt").exists()
+
+    result = run_script("--resume", "--out", out, "--workers", "0", *TINY[TINY.index("--data"):][:2])
+    log = read_log(out)
+    assert any(r.get("resumed") for r in log), "the log must show the resume"
+    assert without_timings(log) == without_timings(read_log(reference_run[0]))
+    assert "final test accuracy" in result.stdout
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    result = run_script("--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "1",
+                        "--batch-size", "100", "--fake-data", "400", "--device", "cpu",
+                        "--workers", "0", "--lr", "1e30", "--out", tmp_path / "o", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "loss became nan at epoch 1, step" in result.stderr
+
+
+def test_missing_data_without_network_says_where_the_files_go(tmp_path, monkeypatch):
+    import torchvision
+    import train_cifar
+    # A local port that refuses connections stands in for "no network".
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(train_cifar.Fail, match="cifar-10-batches-py") as e:
+        train_cifar.load_cifar10(str(tmp_path / "empty"), train=True)
+    assert str(tmp_path / "empty") in str(e.value)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--hdim", "0"], "--hdim"), (["--depth", "-1"], "--depth"), (["--ksize", "0"], "--ksize"),
+    (["--psize", "-2"], "--psize"), (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--lr", "-1"], "--lr"), (["--reprob", "2"], "--reprob"),
+    (["--subset", "0"], "--subset"), (["--subset", "60000"], "--subset"),
+    (["--val", "50000"], "--val"), (["--subset", "49000", "--val", "2000"], "--subset"),
+    (["--subset", "100", "--batch-size", "128"], "--batch-size"),
+    (["--workers", "-1"], "--workers"), (["--device", "nonsense"], "--device"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    (["--resume"], "--resume"),
+])
+def test_bad_flags_fail_at_start_naming_the_flag(argv, expected, capsys):
+    import train_cifar
+    with pytest.raises(SystemExit) as e:
+        train_cifar.parse_args(argv)
+    assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_existing_out_and_bad_checkpoints_fail_naming_the_file(reference_run, tmp_path):
+    out, _ = reference_run
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    mismatched = tmp_path / "mismatched.pt"
+    saved = torch.load(out / "model.pt", weights_only=True)
+    torch.save({**saved, "config": {**saved["config"], "hdim": 48}}, mismatched)
+    cases = [
+        (["--out", out], f"--out {out}"),
+        (["--resume", "--out", tmp_path / "none"], "last.pt"),
+        (["--eval", tmp_path / "missing.pt"], "missing.pt"),
+        (["--eval", garbage], "garbage.pt"),
+        (["--eval", mismatched, "--fake-data", "10"], "mismatched.pt"),
+    ]
+    for argv, expected in cases:
+        result = run_script(*argv, "--device", "cpu", check=False, timeout=120)
+        assert result.returncode != 0, argv
+        assert expected in result.stderr and "Traceback" not in result.stderr, (argv, result.stderr)
+    assert not (tmp_path / "none").exists()
+
+
+def test_one_cycle_schedule():
+    import train_cifar
+    lr = train_cifar.one_cycle_lr
+    assert lr(0.0, 0.01) == 0 and lr(0.2, 0.01) == pytest.approx(0.005)
+    assert lr(0.4, 0.01) == pytest.approx(0.01) and lr(0.8, 0.01) == pytest.approx(0.0005)
+    assert lr(1.0, 0.01) == pytest.approx(0.0)

@@ -1,0 +1,553 @@
+"""Train ConvMixer on CIFAR-10 with the paper's recipe; resumable, and honest about its result.
+
+    python train_cifar.py --hdim 256 --depth 8 --ksize 9        # the paper's ConvMixer-256/8 (200 epochs)
+    python train_cifar.py --resume --out runs/<run>             # continue an interrupted run
+    python train_cifar.py --eval runs/<run>/model.pt            # test accuracy of a saved model
+
+The recipe (defaults) is the one the ConvMixer authors used for CIFAR-10 with timm: AdamW
+(lr 0.01, weight decay 0.01 on weights but not on biases/BatchNorm, eps 1e-3), batch 64, a
+one-cycle learning rate stepped every iteration, gradient clipping at norm 1, mixed precision on
+GPU; RandomResizedCrop(scale 0.75-1), flip, RandAugment(2 ops, magnitude 9), MixUp or CutMix
+(alpha 0.5, one of the two per batch), RandomErasing (p 0.25) and label smoothing 0.1.
+The paper reports 96.03% for ConvMixer-256/8 (k=9, p=1) after 200 epochs (Table 4).
+
+Evidence: the CPU smoke test in test_convmixer.py trains a tiny ConvMixer on 2,000 real CIFAR-10
+images; no full-length GPU run of this script has been recorded yet (see README).
+
+Randomness is tied to (seed, epoch, image) rather than to a stream, so a run is the same with any
+--workers, and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly where it stopped.
+Outputs in --out: log.jsonl (config, one line per epoch, final result), model.pt (weights in the
+published ConvMixer layout + what is needed to use them), last.pt (full state for --resume).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import v2
+
+from convmixer import ConvMixer
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+N_CLASSES = 10
+N_TRAIN_IMAGES = 50_000
+
+
+class Fail(Exception):
+    """An error the user can fix; printed as one line, without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--hdim", type=int, default=256, help="width (channels) h")
+    model.add_argument("--depth", type=int, default=8, help="number of ConvMixer blocks d")
+    model.add_argument("--ksize", type=int, default=9, help="depthwise kernel size k")
+    model.add_argument("--psize", type=int, default=1, help="patch size p")
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--epochs", type=int, default=200)
+    opt.add_argument("--batch-size", type=int, default=64)
+    opt.add_argument("--lr", type=float, default=0.01, help="peak of the one-cycle schedule")
+    opt.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (weights only)")
+    opt.add_argument("--eps", type=float, default=1e-3, help="AdamW epsilon")
+    opt.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    opt.add_argument("--label-smoothing", type=float, default=0.1)
+    opt.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                     help="bfloat16 autocast on CUDA (the CPU always trains in float32)")
+    aug = p.add_argument_group("augmentation")
+    aug.add_argument("--scale", type=float, default=0.75, help="RandomResizedCrop min scale")
+    aug.add_argument("--ra-n", type=int, default=2, help="RandAugment ops per image")
+    aug.add_argument("--ra-m", type=int, default=9, help="RandAugment magnitude (0-30)")
+    aug.add_argument("--mixup", type=float, default=0.5, help="MixUp alpha (0: off)")
+    aug.add_argument("--cutmix", type=float, default=0.5, help="CutMix alpha (0: off)")
+    aug.add_argument("--reprob", type=float, default=0.25, help="RandomErasing probability")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--data", default="./data", help="CIFAR-10 root (downloaded if missing)")
+    run.add_argument("--fake-data", type=int, metavar="N", default=0,
+                     help="use N synthetic images (torchvision FakeData) instead of CIFAR-10, "
+                          "to smoke-test the pipeline; accuracy is meaningless")
+    run.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                     help="data-loading processes (0: load in the main process)")
+    run.add_argument("--subset", type=int, metavar="N", help="train on the first N training images")
+    run.add_argument("--val", type=int, metavar="N", default=0,
+                     help="hold out the last N training images and report accuracy on them")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last.pt (its recipe is reused)")
+    run.add_argument("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
+    args = p.parse_args(argv)
+
+    for name in ("hdim", "depth", "ksize", "psize", "epochs", "batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "eps"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("wd", "clip", "mixup", "cutmix", "workers", "val", "fake_data"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ("reprob", "label_smoothing"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0 < args.scale <= 1:
+        p.error(f"--scale must be in (0, 1], got {args.scale}")
+    if args.ra_n < 0 or not 0 <= args.ra_m <= 30:
+        p.error(f"--ra-n must be >= 0 and --ra-m in [0, 30], got {args.ra_n}, {args.ra_m}")
+    if args.subset is not None and args.subset <= 0:
+        p.error(f"--subset must be positive, got {args.subset}")
+    n_available = args.fake_data or N_TRAIN_IMAGES
+    if args.val >= n_available:
+        p.error(f"--val {args.val} leaves no training images (the training set has {n_available})")
+    n_train = min(args.subset or n_available, n_available - args.val)
+    if args.subset is not None and args.subset > n_available - args.val:
+        p.error(f"--subset {args.subset} is larger than the {n_available - args.val} training "
+                f"images left after --val {args.val}")
+    if not args.eval and n_train < args.batch_size:
+        p.error(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    if args.resume and not args.out:
+        p.error("--resume needs --out, the folder of the run to continue")
+    if args.resume and args.eval:
+        p.error("--resume and --eval do not go together")
+    if args.out and not args.resume and not args.eval and Path(args.out).exists() \
+            and any(Path(args.out).iterdir()):
+        p.error(f"--out {args.out} already exists and is not empty; "
+                f"add --resume to continue that run, or choose another folder")
+    args.n_train = n_train
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the whole of CIFAR-10 is 180 MB of uint8, so it is held in memory as tensors.
+
+def load_cifar10(root, train):
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed."""
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except Exception as e:   # no network, a bad mirror, a corrupt archive...
+        raise Fail(f"--data {root}: CIFAR-10 is not there and could not be downloaded ({e}). "
+                   f"Put the official python version there, as {Path(root) / 'cifar-10-batches-py'}/ "
+                   f"or {Path(root) / 'cifar-10-python.tar.gz'}") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return images, torch.tensor(ds.targets)
+
+
+def load_fake(n, train, seed):
+    """torchvision FakeData in the same format, for smoke tests without CIFAR-10."""
+    ds = torchvision.datasets.FakeData(n if train else max(n // 5, 1), (3, 32, 32), N_CLASSES,
+                                       random_offset=seed + (0 if train else 10**6))
+    images = torch.stack([v2.functional.pil_to_tensor(ds[i][0]) for i in range(len(ds))])
+    return images, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
+def train_transform(args):
+    """Per-image augmentation of a uint8 (3, 32, 32) tensor into a normalized float tensor."""
+    return v2.Compose([
+        v2.RandomResizedCrop(32, scale=(args.scale, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(num_ops=args.ra_n, magnitude=args.ra_m),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        # value="random" fills with N(0, 1) noise in normalized space (timm's "pixel" mode).
+        v2.RandomErasing(p=args.reprob, value="random"),
+    ])
+
+
+def batch_mixing(args):
+    """Per batch, MixUp or CutMix (chosen at random); labels become class probabilities."""
+    mixers = [m(alpha=alpha, num_classes=N_CLASSES)
+              for alpha, m in [(args.mixup, v2.MixUp), (args.cutmix, v2.CutMix)] if alpha > 0]
+    if not mixers:
+        return lambda images, labels: (images, nn.functional.one_hot(labels, N_CLASSES).float())
+    return v2.RandomChoice(mixers)
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Items are (index, seed) pairs: each image's augmentation depends only on its own seed,
+    so results do not depend on --workers and an epoch can be resumed from any step."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        torch.default_generator.manual_seed(seed)   # the CPU generator that v2 transforms draw from
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class EpochPlan:
+    """Everything random about one epoch, drawn from (seed, epoch) alone."""
+
+    def __init__(self, n_images, batch_size, seed, epoch):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self.batch_size = batch_size
+        self.steps = n_images // batch_size          # drop the last partial batch (BatchNorm)
+        self.order = torch.randperm(n_images, generator=g).tolist()
+        self.image_seeds = torch.randint(2**62, (n_images,), generator=g).tolist()
+        self.mix_seeds = torch.randint(2**62, (self.steps,), generator=g).tolist()
+
+    def batches(self, first_step=0):
+        """The batch sampler for steps first_step..steps-1: lists of (index, seed)."""
+        b = self.batch_size
+        return [[(self.order[j], self.image_seeds[j]) for j in range(s * b, (s + 1) * b)]
+                for s in range(first_step, self.steps)]
+
+
+def ignore_sigint():
+    """Data workers leave Ctrl-C to the main process, which stops cleanly between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_init(_):
+    ignore_sigint()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimization
+
+def one_cycle_lr(progress, peak):
+    """Linear 0 -> peak over the first 2/5 of training, -> peak/20 at 4/5, -> 0 at the end."""
+    points = [(0.0, 0.0), (0.4, peak), (0.8, peak / 20), (1.0, 0.0)]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if progress <= x1:
+            return y0 + (y1 - y0) * (progress - x0) / (x1 - x0)
+    return 0.0
+
+
+def make_optimizer(model, args):
+    # As timm does by default: no weight decay on biases and BatchNorm parameters (1-D tensors).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, eps=args.eps)
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000):
+    """Accuracy (%) of `model` on uint8 images; with flip_tta, logits of x and its mirror added."""
+    model.eval()
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        x = (x.float() / 255 - mean) / std
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = model(x).float()
+            if flip_tta:
+                logits += model(x.flip(3)).float()
+        correct += (logits.argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
+    model.train()
+    return 100.0 * correct / len(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: checkpoints are replaced atomically, so a kill mid-write leaves the previous one intact.
+
+RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
+               "label_smoothing", "amp", "scale", "ra_n", "ra_m", "mixup", "cutmix", "reprob",
+               "seed", "fake_data", "subset", "val", "n_train"]
+
+
+def save_atomic(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def model_config(cfg):
+    return {"hdim": cfg["hdim"], "depth": cfg["depth"], "ksize": cfg["ksize"], "psize": cfg["psize"],
+            "n_classes": N_CLASSES, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+
+
+def build_model(config):
+    return ConvMixer(config["hdim"], config["depth"], kernel_size=config["ksize"],
+                     patch_size=config["psize"], n_classes=config["n_classes"])
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def read_checkpoint(path, flag):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise Fail(f"{flag} {path}: cannot read it as a checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise Fail(f"{flag} {path}: not a checkpoint written by train_cifar.py "
+                   f"(needs 'state_dict' and 'config')")
+    return ckpt
+
+
+def load_weights(model, state_dict, path, flag):
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise Fail(f"{flag} {path}: its weights do not fit the model in its config "
+                   f"({' '.join(first[:2])[:300]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop stops between steps and saves. A second ^C quits now."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt "
+              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train(args):
+    start_time = time.time()
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+                           f"_convmixer_{args.hdim}_{args.depth}_k{args.ksize}_p{args.psize}")
+    device = torch.device(args.device)
+    state = None
+    if args.resume:
+        if not (out / "last.pt").exists():
+            raise Fail(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
+        state = read_checkpoint(out / "last.pt", "--resume")
+        if state["epoch"] >= state["recipe"]["epochs"]:
+            raise Fail(f"--resume: the run in {out} has already finished all its epochs")
+        cfg = state["recipe"]
+        print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
+              f"(the recipe is taken from last.pt)")
+    else:
+        cfg = {k: getattr(args, k) for k in RECIPE_KEYS}
+    amp = cfg["amp"] and device.type == "cuda"
+    torch.manual_seed(cfg["seed"])
+
+    # Data
+    if cfg["fake_data"]:
+        train_images, train_labels = load_fake(cfg["fake_data"], True, cfg["seed"])
+        test_images, test_labels = load_fake(cfg["fake_data"], False, cfg["seed"])
+    else:
+        train_images, train_labels = load_cifar10(args.data, train=True)
+        test_images, test_labels = load_cifar10(args.data, train=False)
+    n_all = len(train_images)
+    val_images, val_labels = train_images[n_all - cfg["val"]:], train_labels[n_all - cfg["val"]:]
+    train_set = AugmentedImages(train_images[:cfg["n_train"]], train_labels[:cfg["n_train"]],
+                                train_transform(argparse.Namespace(**cfg)))
+    mix = batch_mixing(argparse.Namespace(**cfg))
+    out.mkdir(parents=True, exist_ok=True)      # only now: a missing data set leaves no half-made run
+
+    # Model and optimizer
+    model = build_model(model_config(cfg)).to(device)
+    optimizer = make_optimizer(model, argparse.Namespace(**cfg))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    steps_per_epoch = cfg["n_train"] // cfg["batch_size"]
+    total_steps = cfg["epochs"] * steps_per_epoch
+    epoch, first_step, wall_before = 0, 0, 0.0
+    sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, first_step, sums, wall_before = state["epoch"], state["step"], state["sums"], state["wall_seconds"]
+
+    start_epoch = epoch
+    log_path = out / "log.jsonl"
+    if state is None:
+        write_log(log_path, {"config": cfg, "versions": {"torch": torch.__version__,
+                  "torchvision": torchvision.__version__, "python": platform.python_version()},
+                  "device": device_name(device), "n_params": sum(p.numel() for p in model.parameters()),
+                  "argv": sys.argv}, mode="w")
+    else:
+        # Drop epoch lines written after last.pt (a kill between the two writes), then say so.
+        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        keep = [r for r in lines if not r.get("final") and not ("train_loss" in r and r["epoch"] > epoch)]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_log(log_path, {"resumed": True, "epoch": epoch + 1, "step": first_step,
+                             "device": device_name(device), "torch": torch.__version__})
+
+    print(f"ConvMixer-{cfg['hdim']}/{cfg['depth']} k{cfg['ksize']} p{cfg['psize']}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg['n_train']:,} training "
+          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epochs on {device_name(device)}; "
+          f"writing to {out}")
+    stop = StopRequested()
+    live = sys.stdout.isatty()
+
+    def save_last(epoch, step, sums):
+        save_atomic({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "config": model_config(cfg), "recipe": cfg, "epoch": epoch, "step": step,
+                     "sums": sums, "wall_seconds": wall_before + time.time() - start_time},
+                    out / "last.pt")
+
+    model.train()
+    while epoch < cfg["epochs"]:
+        plan = EpochPlan(cfg["n_train"], cfg["batch_size"], cfg["seed"], epoch)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=plan.batches(first_step), num_workers=args.workers,
+            pin_memory=device.type == "cuda", worker_init_fn=_worker_init if args.workers else None)
+        t0 = time.time()
+        step = first_step
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            torch.default_generator.manual_seed(plan.mix_seeds[step])
+            images, targets = mix(images, labels)                       # targets: (B, 10) probabilities
+            global_step = epoch * steps_per_epoch + step
+            lr = one_cycle_lr((global_step + 1) / total_steps, cfg["lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                logits = model(images)
+            loss = criterion(logits.float(), targets)
+            if not torch.isfinite(loss):
+                kept = (f"the last good checkpoint, {out / 'last.pt'}, was kept" if (out / "last.pt").exists()
+                        else "no checkpoint had been written yet")
+                raise Fail(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                           f"stopped before updating the weights; {kept}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["clip"] > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+            optimizer.step()
+
+            step += 1
+            sums["loss"] += loss.item() * len(images)
+            sums["correct"] += (logits.argmax(1) == targets.argmax(1)).sum().item()
+            sums["seen"] += len(images)
+            if live:
+                seconds = sums["seconds"] + time.time() - t0
+                print(f"\r  epoch {epoch + 1} step {step}/{steps_per_epoch}  loss {loss.item():.3f}  "
+                      f"{sums['seen'] / max(seconds, 1e-9):,.0f} img/s ", end="", flush=True)
+            if stop.signum is not None:
+                break
+        sums["seconds"] += time.time() - t0
+        if live:
+            print("\r" + " " * 70 + "\r", end="")
+        if stop.signum is not None and step < steps_per_epoch:
+            save_last(epoch, step, sums)
+            raise Interrupted(stop.signum, out, epoch, step)
+
+        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
+                  "train_acc": 100.0 * sums["correct"] / sums["seen"],
+                  "test_acc": evaluate(model, test_images, test_labels, device, amp),
+                  "lr": lr, "epoch_seconds": sums["seconds"],
+                  "images_per_second": sums["seen"] / sums["seconds"]}
+        if cfg["val"]:
+            record["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
+        write_log(log_path, record)
+        epoch, first_step = epoch + 1, 0
+        sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        save_last(epoch, 0, sums)
+        eta = (time.time() - start_time) / (epoch - start_epoch) * (cfg["epochs"] - epoch)
+        print(f"epoch {epoch:3d}/{cfg['epochs']}  loss {record['train_loss']:.4f}  "
+              f"train {record['train_acc']:5.2f}%  test {record['test_acc']:5.2f}%  "
+              + (f"val {record['val_acc']:5.2f}%  " if cfg["val"] else "")
+              + f"lr {lr:.5f}  {record['epoch_seconds']:.1f} s  "
+              f"{record['images_per_second']:,.0f} img/s  ETA {format_seconds(eta)}", flush=True)
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, out, epoch, 0)
+
+    test_acc = evaluate(model, test_images, test_labels, device, amp)
+    tta_acc = evaluate(model, test_images, test_labels, device, amp, flip_tta=True)
+    wall = wall_before + time.time() - start_time
+    save_atomic({"state_dict": model.state_dict(), "config": model_config(cfg)}, out / "model.pt")
+    final = {"final": True, "test_acc": test_acc, "test_acc_flip_tta": tta_acc,
+             "wall_seconds": wall, "device": device_name(device)}
+    if cfg["val"]:
+        final["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
+    write_log(log_path, final)
+    print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {cfg['epochs']} "
+          f"epochs, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
+    return final
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, out, epoch, step):
+        super().__init__(f"{signal.Signals(signum).name}: stopped at epoch {epoch + 1}, step {step}; "
+                         f"state saved to {out / 'last.pt'}. Continue with: "
+                         f"python train_cifar.py --resume --out {out}")
+        self.exit_code = 128 + signum
+
+
+def write_log(path, record, mode="a"):
+    with open(path, mode) as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate_checkpoint(args):
+    ckpt = read_checkpoint(args.eval, "--eval")
+    config = ckpt["config"]
+    try:
+        model = build_model(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise Fail(f"--eval {args.eval}: its config does not describe a ConvMixer ({e})") from None
+    load_weights(model, ckpt["state_dict"], args.eval, "--eval")
+    if list(config.get("mean", CIFAR10_MEAN)) != list(CIFAR10_MEAN) or \
+            list(config.get("std", CIFAR10_STD)) != list(CIFAR10_STD):
+        raise Fail(f"--eval {args.eval}: it was trained with another normalization than CIFAR-10's")
+    device = torch.device(args.device)
+    model.to(device)
+    if args.fake_data:
+        images, labels = load_fake(args.fake_data, False, args.seed)
+    else:
+        images, labels = load_cifar10(args.data, train=False)
+    amp = args.amp and device.type == "cuda"
+    acc = evaluate(model, images, labels, device, amp)
+    tta = evaluate(model, images, labels, device, amp, flip_tta=True)
+    print(f"test accuracy {acc:.2f}% (flip-TTA {tta:.2f}%) on {len(images):,} images: {args.eval}")
+    return acc
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.eval:
+            evaluate_checkpoint(args)
+        else:
+            train(args)
+    except Fail as e:
+        sys.exit(f"train_cifar.py: error: {e}")
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
