@@ -274,9 +274,10 @@ def cifar10_root():
 
 
 REAL_DATA = cifar10_root()
+DATA = ["--data", REAL_DATA] if REAL_DATA else ["--fake-data", "1000"]
 TINY = ["--hdim", "32", "--depth", "2", "--ksize", "5", "--psize", "2", "--epochs", "3",
-        "--batch-size", "128", "--device", "cpu", "--seed", "0"]
-TINY += ["--data", REAL_DATA, "--subset", "3000"] if REAL_DATA else ["--fake-data", "1000"]
+        "--batch-size", "128", "--device", "cpu", "--seed", "0", *DATA]
+TINY += ["--subset", "3000"] if REAL_DATA else []
 
 
 def run_script(*args, check=True, timeout=600):
@@ -334,8 +335,7 @@ def test_tiny_model_learns_real_cifar10(reference_run):
 
 def test_eval_reproduces_the_logged_accuracy(reference_run):
     out, _ = reference_run
-    data = ["--data", REAL_DATA] if REAL_DATA else ["--fake-data", "1000"]
-    result = run_script("--eval", out / "model.pt", "--device", "cpu", *data)
+    result = run_script("--eval", out / "model.pt", "--device", "cpu", *DATA)
     assert f"test accuracy {read_log(out)[-1]['test_acc']:.2f}%" in result.stdout
 
 
@@ -358,7 +358,7 @@ def test_interrupt_then_resume_equals_uninterrupted(reference_run, tmp_path):
     assert "--resume --out" in stderr and "Traceback" not in stderr
     assert not (out / "model.pt").exists()
 
-    result = run_script("--resume", "--out", out, "--workers", "0", *TINY[TINY.index("--data"):][:2])
+    result = run_script("--resume", "--out", out, "--workers", "0", *DATA)
     log = read_log(out)
     assert any(r.get("resumed") for r in log), "the log must show the resume"
     assert without_timings(log) == without_timings(read_log(reference_run[0]))
