@@ -90,9 +90,18 @@ def parse_args(argv=None):
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last.pt (its recipe is reused)")
     run.add_argument("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
+    speed = p.add_argument_group("speed (optional; see gpu_augment.py and fast_depthwise.py)")
+    speed.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the data on the device and augment whole batches there; on CUDA "
+                            "also use the Triton depthwise convolution (default: on for CUDA)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--benchmark", action="store_true",
+                       help="time training steps of the plain and the fast path on synthetic data "
+                            "for this config, print both, write benchmark.json to --out, and exit")
+    speed.add_argument("--bench-steps", type=int, default=30, help="timed steps per path")
     args = p.parse_args(argv)
 
-    for name in ("hdim", "depth", "ksize", "psize", "epochs", "batch_size"):
+    for name in ("hdim", "depth", "ksize", "psize", "epochs", "batch_size", "bench_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("lr", "eps"):
@@ -117,7 +126,7 @@ def parse_args(argv=None):
     if args.subset is not None and args.subset > n_available - args.val:
         p.error(f"--subset {args.subset} is larger than the {n_available - args.val} training "
                 f"images left after --val {args.val}")
-    if not args.eval and n_train < args.batch_size:
+    if not args.eval and not args.benchmark and n_train < args.batch_size:
         p.error(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
     try:
         device = torch.device(args.device)
@@ -127,8 +136,10 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: CUDA is not available here")
     if args.resume and not args.out:
         p.error("--resume needs --out, the folder of the run to continue")
-    if args.resume and args.eval:
-        p.error("--resume and --eval do not go together")
+    if sum(map(bool, (args.resume, args.eval, args.benchmark))) > 1:
+        p.error("--resume, --eval and --benchmark do not go together")
+    if args.fast is None:
+        args.fast = device.type == "cuda"
     if args.out and not args.resume and not args.eval and Path(args.out).exists() \
             and any(Path(args.out).iterdir()):
         p.error(f"--out {args.out} already exists and is not empty; "
@@ -208,12 +219,25 @@ class EpochPlan:
         self.order = torch.randperm(n_images, generator=g).tolist()
         self.image_seeds = torch.randint(2**62, (n_images,), generator=g).tolist()
         self.mix_seeds = torch.randint(2**62, (self.steps,), generator=g).tolist()
+        self.augment_seeds = torch.randint(2**62, (self.steps,), generator=g).tolist()   # --fast
 
     def batches(self, first_step=0):
         """The batch sampler for steps first_step..steps-1: lists of (index, seed)."""
         b = self.batch_size
         return [[(self.order[j], self.image_seeds[j]) for j in range(s * b, (s + 1) * b)]
                 for s in range(first_step, self.steps)]
+
+
+def device_batches(plan, first_step, images, labels, augment):
+    """--fast: batches cut from the data set held on the device and augmented there, each image
+    with its own random parameters (gpu_augment.BatchAugment). (B, 3, 32, 32) float, (B,)."""
+    generator = torch.Generator(images.device)
+    order = torch.tensor(plan.order, device=images.device)
+    b = plan.batch_size
+    for step in range(first_step, plan.steps):
+        index = order[step * b:(step + 1) * b]
+        generator.manual_seed(plan.augment_seeds[step])
+        yield augment(images[index], generator), labels[index]
 
 
 def ignore_sigint():
@@ -270,7 +294,7 @@ def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000
 
 RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
                "label_smoothing", "amp", "scale", "ra_n", "ra_m", "mixup", "cutmix", "reprob",
-               "seed", "fake_data", "subset", "val", "n_train"]
+               "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
 
 
 def save_atomic(obj, path):
@@ -339,6 +363,56 @@ def format_seconds(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def prepare_model(cfg, device):
+    """The ConvMixer to train (its state_dict is what gets saved) and the module to call.
+
+    With --fast on CUDA its depthwise convs run on Triton kernels (same Parameters, swapped in
+    place); with --compile the call goes through torch.compile. Otherwise both are the same."""
+    model = build_model(model_config(cfg)).to(device)
+    if cfg["fast"] and device.type == "cuda":
+        from fast_depthwise import use_fast_depthwise
+        use_fast_depthwise(model)
+    return model, (torch.compile(model) if cfg["compile"] else model)
+
+
+def epoch_batches(cfg, plan, first_step, data, workers, device):
+    """The batches of one epoch from first_step on: (augmented images, labels) on `device`."""
+    if cfg["fast"]:
+        return device_batches(plan, first_step, data["images"], data["labels"], data["augment"])
+    loader = torch.utils.data.DataLoader(
+        data["dataset"], batch_sampler=plan.batches(first_step), num_workers=workers,
+        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None)
+    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+
+
+def training_data(cfg, images, labels, device):
+    """What epoch_batches needs: per-image CPU transforms, or (--fast) the data on the device."""
+    recipe = argparse.Namespace(**cfg)
+    if cfg["fast"]:
+        from gpu_augment import BatchAugment
+        return {"images": images.to(device), "labels": labels.to(device),
+                "augment": BatchAugment(scale=cfg["scale"], ra_n=cfg["ra_n"], ra_m=cfg["ra_m"],
+                                        reprob=cfg["reprob"], mean=CIFAR10_MEAN, std=CIFAR10_STD)}
+    return {"dataset": AugmentedImages(images, labels, train_transform(recipe))}
+
+
+def train_step(net, optimizer, criterion, images, targets, lr, amp, clip):
+    """One AdamW step; returns (loss, logits), or None (weights untouched) if the loss is not finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+        logits = net(images)
+    loss = criterion(logits.float(), targets)
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        nn.utils.clip_grad_norm_(net.parameters(), clip)
+    optimizer.step()
+    return loss, logits
+
+
 def train(args):
     start_time = time.time()
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
@@ -368,13 +442,12 @@ def train(args):
         test_images, test_labels = load_cifar10(args.data, train=False)
     n_all = len(train_images)
     val_images, val_labels = train_images[n_all - cfg["val"]:], train_labels[n_all - cfg["val"]:]
-    train_set = AugmentedImages(train_images[:cfg["n_train"]], train_labels[:cfg["n_train"]],
-                                train_transform(argparse.Namespace(**cfg)))
+    data = training_data(cfg, train_images[:cfg["n_train"]], train_labels[:cfg["n_train"]], device)
     mix = batch_mixing(argparse.Namespace(**cfg))
     out.mkdir(parents=True, exist_ok=True)      # only now: a missing data set leaves no half-made run
 
     # Model and optimizer
-    model = build_model(model_config(cfg)).to(device)
+    model, net = prepare_model(cfg, device)
     optimizer = make_optimizer(model, argparse.Namespace(**cfg))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     steps_per_epoch = cfg["n_train"] // cfg["batch_size"]
@@ -403,8 +476,8 @@ def train(args):
 
     print(f"ConvMixer-{cfg['hdim']}/{cfg['depth']} k{cfg['ksize']} p{cfg['psize']}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg['n_train']:,} training "
-          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epochs on {device_name(device)}; "
-          f"writing to {out}")
+          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epochs on {device_name(device)}"
+          f"{' (fast path)' if cfg['fast'] else ''}; writing to {out}")
     stop = StopRequested()
     live = sys.stdout.isatty()
 
@@ -414,37 +487,22 @@ def train(args):
                      "sums": sums, "wall_seconds": wall_before + time.time() - start_time},
                     out / "last.pt")
 
-    model.train()
+    net.train()
     while epoch < cfg["epochs"]:
         plan = EpochPlan(cfg["n_train"], cfg["batch_size"], cfg["seed"], epoch)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_sampler=plan.batches(first_step), num_workers=args.workers,
-            pin_memory=device.type == "cuda", worker_init_fn=_worker_init if args.workers else None)
         t0 = time.time()
         step = first_step
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+        for images, labels in epoch_batches(cfg, plan, first_step, data, args.workers, device):
             torch.default_generator.manual_seed(plan.mix_seeds[step])
             images, targets = mix(images, labels)                       # targets: (B, 10) probabilities
-            global_step = epoch * steps_per_epoch + step
-            lr = one_cycle_lr((global_step + 1) / total_steps, cfg["lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            if not torch.isfinite(loss):
+            lr = one_cycle_lr((epoch * steps_per_epoch + step + 1) / total_steps, cfg["lr"])
+            result = train_step(net, optimizer, criterion, images, targets, lr, amp, cfg["clip"])
+            if result is None:
                 kept = (f"the last good checkpoint, {out / 'last.pt'}, was kept" if (out / "last.pt").exists()
                         else "no checkpoint had been written yet")
-                raise Fail(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                raise Fail(f"the loss became nan or inf at epoch {epoch + 1}, step {step + 1}; "
                            f"stopped before updating the weights; {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["clip"] > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
-            optimizer.step()
-
+            loss, logits = result
             step += 1
             sums["loss"] += loss.item() * len(images)
             sums["correct"] += (logits.argmax(1) == targets.argmax(1)).sum().item()
@@ -464,11 +522,11 @@ def train(args):
 
         record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
                   "train_acc": 100.0 * sums["correct"] / sums["seen"],
-                  "test_acc": evaluate(model, test_images, test_labels, device, amp),
+                  "test_acc": evaluate(net, test_images, test_labels, device, amp),
                   "lr": lr, "epoch_seconds": sums["seconds"],
                   "images_per_second": sums["seen"] / sums["seconds"]}
         if cfg["val"]:
-            record["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
+            record["val_acc"] = evaluate(net, val_images, val_labels, device, amp)
         write_log(log_path, record)
         epoch, first_step = epoch + 1, 0
         sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
@@ -482,18 +540,90 @@ def train(args):
         if stop.signum is not None:
             raise Interrupted(stop.signum, out, epoch, 0)
 
-    test_acc = evaluate(model, test_images, test_labels, device, amp)
-    tta_acc = evaluate(model, test_images, test_labels, device, amp, flip_tta=True)
+    test_acc = evaluate(net, test_images, test_labels, device, amp)
+    tta_acc = evaluate(net, test_images, test_labels, device, amp, flip_tta=True)
     wall = wall_before + time.time() - start_time
     save_atomic({"state_dict": model.state_dict(), "config": model_config(cfg)}, out / "model.pt")
     final = {"final": True, "test_acc": test_acc, "test_acc_flip_tta": tta_acc,
              "wall_seconds": wall, "device": device_name(device)}
     if cfg["val"]:
-        final["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
+        final["val_acc"] = evaluate(net, val_images, val_labels, device, amp)
     write_log(log_path, final)
     print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {cfg['epochs']} "
           f"epochs, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
     return final
+
+
+def benchmark(args):
+    """Training throughput of the plain and the fast path for one config, on synthetic data."""
+    device = torch.device(args.device)
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}_benchmark")
+    warmup = 10 if args.compile else 3
+    steps = warmup + args.bench_steps
+    b = args.batch_size
+    amp = args.amp and device.type == "cuda"
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (steps * b, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, N_CLASSES, (steps * b,), generator=g)
+    plan = EpochPlan(steps * b, b, args.seed, 0)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def images_per_second(run_steps):
+        """Time run_steps(n) for `warmup` then `bench_steps` steps; images per second."""
+        run_steps(range(warmup))
+        sync()
+        t = time.perf_counter()
+        run_steps(range(warmup, steps))
+        sync()
+        return args.bench_steps * b / (time.perf_counter() - t)
+
+    result = {"device": device_name(device), "torch": torch.__version__,
+              "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize,
+                         "psize": args.psize, "batch_size": b, "amp": amp, "compile": args.compile,
+                         "workers": args.workers}}
+    for path in ("plain", "fast"):
+        cfg = {k: getattr(args, k) for k in RECIPE_KEYS} | {"fast": path == "fast", "n_train": steps * b}
+        model, net = prepare_model(cfg, device)
+        optimizer = make_optimizer(model, args)
+        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        mix = batch_mixing(args)
+        data = training_data(cfg, images, labels, device)
+        batches = iter(epoch_batches(cfg, plan, 0, data, args.workers, device))
+
+        def whole_steps(step_range):                   # data, mixing, forward, backward, AdamW
+            for step in step_range:
+                x, y = next(batches)
+                x, target = mix(x, y)
+                train_step(net, optimizer, criterion, x, target, args.lr, amp, args.clip)
+
+        fixed_x, fixed_y = mix(*next(iter(epoch_batches(cfg, plan, 0, data, 0, device))))
+
+        def model_steps(step_range):                   # the same batch again and again
+            for _ in step_range:
+                train_step(net, optimizer, criterion, fixed_x, fixed_y, args.lr, amp, args.clip)
+
+        result[f"{path}_img_s"] = images_per_second(whole_steps)
+        result[f"{path}_model_only_img_s"] = images_per_second(model_steps)
+        if path == "fast":
+            gen = torch.Generator(device).manual_seed(0)
+
+            def augment_steps(step_range):
+                for i in step_range:
+                    data["augment"](data["images"][i * b:(i + 1) * b], gen)
+
+            result["fast_augment_only_img_s"] = images_per_second(augment_steps)
+        print(f"{path:5s}: {result[f'{path}_img_s']:9,.0f} img/s whole step, "
+              f"{result[f'{path}_model_only_img_s']:9,.0f} img/s model only", flush=True)
+    result["speedup"] = result["fast_img_s"] / result["plain_img_s"]
+    print(f"fast/plain: {result['speedup']:.2f}x; augmentation alone (fast path): "
+          f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'benchmark.json'}")
+    return result
 
 
 class Interrupted(Exception):
@@ -540,6 +670,8 @@ def main(argv=None):
     try:
         if args.eval:
             evaluate_checkpoint(args)
+        elif args.benchmark:
+            benchmark(args)
         else:
             train(args)
     except Fail as e:
