@@ -15,6 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+if not torch.cuda.is_available():
+    # Run fast_depthwise.py's Triton kernels on the CPU; must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import convmixer
 from convmixer import ConvMixer, Residual, from_timm, to_timm
 
@@ -344,10 +348,17 @@ def test_same_seed_same_run_with_any_number_of_workers(reference_run, tmp_path):
     assert without_timings(read_log(tmp_path / "again")) == without_timings(read_log(reference_run[0]))
 
 
-def test_interrupt_then_resume_equals_uninterrupted(reference_run, tmp_path):
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_interrupt_then_resume_equals_uninterrupted(path, reference_run, tmp_path):
+    flags = [*TINY, "--workers", "0", "--fast" if path == "fast" else "--no-fast"]
+    if path == "plain":
+        reference = reference_run[0]
+    else:
+        reference = tmp_path / "uninterrupted"
+        run_script(*flags, "--out", reference)
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), *TINY, "--workers", "0",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), *flags, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not ((out / "log.jsonl").exists() and '"epoch": 1' in (out / "log.jsonl").read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -361,7 +372,7 @@ def test_interrupt_then_resume_equals_uninterrupted(reference_run, tmp_path):
     result = run_script("--resume", "--out", out, "--workers", "0", *DATA)
     log = read_log(out)
     assert any(r.get("resumed") for r in log), "the log must show the resume"
-    assert without_timings(log) == without_timings(read_log(reference_run[0]))
+    assert without_timings(log) == without_timings(read_log(reference))
     assert "final test accuracy" in result.stdout
 
 
@@ -370,7 +381,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
                         "--batch-size", "100", "--fake-data", "400", "--device", "cpu",
                         "--workers", "0", "--lr", "1e30", "--out", tmp_path / "o", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "loss became nan at epoch 1, step" in result.stderr
+    assert "loss became nan or inf at epoch 1, step 2" in result.stderr
 
 
 def test_missing_data_without_network_says_where_the_files_go(tmp_path, monkeypatch):
@@ -428,3 +439,219 @@ def test_one_cycle_schedule():
     assert lr(0.0, 0.01) == 0 and lr(0.2, 0.01) == pytest.approx(0.005)
     assert lr(0.4, 0.01) == pytest.approx(0.01) and lr(0.8, 0.01) == pytest.approx(0.0005)
     assert lr(1.0, 0.01) == pytest.approx(0.0)
+
+
+def test_benchmark_measures_both_paths(tmp_path):
+    result = run_script("--hdim", "16", "--depth", "1", "--ksize", "3", "--psize", "4",
+                        "--batch-size", "32", "--device", "cpu", "--workers", "0",
+                        "--benchmark", "--bench-steps", "2", "--out", tmp_path / "bench")
+    bench = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "batch_size": 32,
+                               "amp": False, "compile": False, "workers": 0}
+    for key in ("plain_img_s", "fast_img_s", "plain_model_only_img_s", "fast_model_only_img_s",
+                "fast_augment_only_img_s"):
+        assert bench[key] > 0
+    assert bench["speedup"] == pytest.approx(bench["fast_img_s"] / bench["plain_img_s"])
+    assert "fast/plain" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# fast_depthwise.py: the Triton depthwise convolution against nn.Conv2d (CPU: Triton interpreter)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def fast_depthwise():
+    pytest.importorskip("triton")
+    import fast_depthwise
+    return fast_depthwise
+
+
+@pytest.mark.parametrize("B,C,H,W,k", [
+    (1, 3, 8, 8, 3), (2, 4, 7, 5, 4), (3, 2, 9, 70, 9), (2, 2, 40, 6, 2), (1, 1, 1, 1, 1),
+    (17, 2, 5, 6, 3), (2, 3, 32, 32, 9), (64, 1, 3, 3, 3),
+    # The interpreter runs one program at a time (about 2 minutes for this one): GPU only.
+    pytest.param(512, 2, 3, 3, 5, marks=pytest.mark.skipif(DEVICE == "cpu", reason="slow in the interpreter")),
+])
+def test_fast_depthwise_matches_conv2d_float32(fast_depthwise, B, C, H, W, k):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(C, C, k, groups=C, padding="same").to(DEVICE)
+    fast = fast_depthwise.FastDepthwiseConv2d(conv)
+    x = torch.randn(B, C, H, W, device=DEVICE, requires_grad=True)
+    grad_y = torch.randn(B, C, H, W, device=DEVICE)
+    expected = [conv(x), *torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad_y)]
+    got = [fast(x), *torch.autograd.grad(fast(x), (x, conv.weight, conv.bias), grad_y)]
+    for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 kernels are checked on a GPU")
+@pytest.mark.parametrize("B,k", [(1, 9), (64, 8), (512, 9)])
+def test_fast_depthwise_matches_conv2d_bfloat16_autocast(fast_depthwise, B, k):
+    conv = nn.Conv2d(256, 256, k, groups=256, padding="same").cuda()
+    fast = fast_depthwise.FastDepthwiseConv2d(conv)
+    x = torch.randn(B, 256, 32, 32, device="cuda", requires_grad=True)
+    grad_y = torch.randn(B, 256, 32, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", torch.bfloat16):
+        e, g = conv(x), fast(x)
+    assert g.dtype == e.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+    for ge, gg in zip(torch.autograd.grad(e, (x, conv.weight), grad_y),
+                      torch.autograd.grad(g, (x, conv.weight), grad_y)):
+        assert gg.dtype == ge.dtype
+        torch.testing.assert_close(gg.float(), ge.float(), rtol=2e-2, atol=2e-2 * ge.abs().max().item())
+
+
+def test_fast_depthwise_in_a_convmixer_keeps_state_dict_and_results(fast_depthwise):
+    torch.manual_seed(0)
+    plain = randomize_(ConvMixer(8, 2, 5, 2, 10)).to(DEVICE).train()
+    fast = ConvMixer(8, 2, 5, 2, 10).to(DEVICE).train()
+    fast.load_state_dict(plain.state_dict())
+    fast_depthwise.use_fast_depthwise(fast)
+    assert isinstance(fast[3][0].fn[0], fast_depthwise.FastDepthwiseConv2d)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(4, 3, 12, 10, device=DEVICE)
+    loss_plain, loss_fast = plain(x).square().sum(), fast(x).square().sum()
+    torch.testing.assert_close(loss_fast, loss_plain)
+    loss_plain.backward()
+    loss_fast.backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_fast_depthwise_refuses_other_convolutions(fast_depthwise):
+    with pytest.raises(ValueError, match="depthwise"):
+        fast_depthwise.FastDepthwiseConv2d(nn.Conv2d(4, 4, 3, padding="same"))
+    with pytest.raises(ValueError, match="depthwise"):
+        fast_depthwise.FastDepthwiseConv2d(nn.Conv2d(4, 4, 3, groups=4, padding=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_augment.py: per-image batch augmentation against the readable CPU path (train_transform)
+
+def sample_images(n, seed=0):
+    """Real CIFAR-10 training images when available, else smooth random images."""
+    if REAL_DATA:
+        import torchvision
+        data = torchvision.datasets.CIFAR10(REAL_DATA, train=True).data[:n]
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 4, 4, generator=g) * 255
+    return nn.functional.interpolate(small, size=32, mode="bilinear").round().to(torch.uint8)
+
+
+def test_randaugment_ops_are_torchvisions():
+    from torchvision.transforms import v2
+    import gpu_augment
+    images = sample_images(32)
+    reference = v2.RandAugment(num_ops=2, magnitude=9)
+    ops = gpu_augment.randaugment_ops(9, (32, 32))
+    assert [name for name, *_ in ops] == list(reference._AUGMENTATION_SPACE)
+    for name, signed, magnitude, fn in ops:
+        magnitudes, tv_signed = reference._AUGMENTATION_SPACE[name]
+        tv_magnitude = magnitudes(31, 32, 32)
+        assert signed == tv_signed, name
+        assert (magnitude is None) == (tv_magnitude is None), name
+        tv_magnitude = 0.0 if tv_magnitude is None else float(tv_magnitude[9])
+        for sign in ([1, -1] if signed else [1]):
+            ours = fn(images, None if magnitude is None else sign * magnitude)
+            theirs = torch.stack([reference._apply_image_or_video_transform(
+                image, name, sign * tv_magnitude, interpolation=reference.interpolation,
+                fill=reference._fill) for image in images])
+            assert torch.equal(ours, theirs), (name, sign)
+
+
+def test_per_image_resized_crop_matches_torchvision():
+    from torchvision.transforms.v2 import functional as F
+    import gpu_augment
+    images = sample_images(256)
+    g = torch.Generator().manual_seed(0)
+    top, left, h, w = gpu_augment.sample_crops(256, (32, 32), (0.5, 1.0), g, "cpu")
+    ours = gpu_augment.resized_crop(images, top, left, h, w, (32, 32)).int()
+    theirs = torch.stack([F.resized_crop(im, int(t), int(l), int(hh), int(ww), [32, 32], antialias=True)
+                          for im, t, l, hh, ww in zip(images, top, left, h, w)]).int()
+    diff = (ours - theirs).abs()
+    # torchvision's CPU uint8 kernel uses fixed-point arithmetic: a rounding step apart at most.
+    assert diff.max() <= 1 and diff.float().mean() < 0.2
+
+
+def test_batch_augment_draws_each_images_own_parameters():
+    import gpu_augment
+    one = sample_images(1).expand(64, -1, -1, -1).contiguous()
+    out = gpu_augment.BatchAugment()(one, torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
+    assert len(distinct) > 60
+
+
+def test_batch_augment_samples_the_same_distribution_as_the_cpu_path():
+    """Crop sizes, flips, RandAugment op and sign frequencies, erasing rate and box areas."""
+    from torchvision.transforms import v2
+    import gpu_augment
+    n = 20_000
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    p = gpu_augment.BatchAugment().sample(n, g, "cpu")
+
+    def close(ours, theirs, sd, name):             # sd: standard deviation of one draw
+        assert abs(ours - theirs) < 5 * sd * (2 / n) ** 0.5, (name, ours, theirs)
+
+    # RandomResizedCrop: fraction of the image kept and aspect ratio
+    crop = v2.RandomResizedCrop(32, scale=(0.75, 1.0))
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    tv = [crop.make_params([image]) for _ in range(n)]
+    tv_area = torch.tensor([c["height"] * c["width"] / 1024 for c in tv])
+    tv_ratio = torch.tensor([c["width"] / c["height"] for c in tv])
+    area, ratio = (p["h"] * p["w"]).float() / 1024, p["w"].float() / p["h"].float()
+    for ours, theirs, name in [(area, tv_area, "crop area"), (ratio, tv_ratio, "crop ratio")]:
+        close(ours.mean().item(), theirs.mean().item(), theirs.std().item(), name + " mean")
+        close(ours.std().item(), theirs.std().item(), theirs.std().item(), name + " std")
+    assert ((p["top"] + p["h"]) <= 32).all() and ((p["left"] + p["w"]) <= 32).all()
+    close(p["top"].float().mean().item(), torch.tensor([c["top"] for c in tv]).float().mean().item(),
+          1.0, "crop top")
+
+    # Flip and RandAugment: op frequencies and signs, recorded from torchvision's own RandAugment
+    close(p["flip"].float().mean().item(), 0.5, 0.5, "flip rate")
+    chosen = []
+    reference = v2.RandAugment(num_ops=2, magnitude=9)
+    reference._apply_image_or_video_transform = lambda img, op, m, **kw: chosen.append((op, m)) or img
+    for _ in range(n // 2):
+        reference(image)
+    names = list(reference._AUGMENTATION_SPACE)
+    ours_ops = torch.cat([p["op0"], p["op1"]])[:n]
+    ours_negative = torch.cat([p["negative0"], p["negative1"]])[:n]
+    for index, name in enumerate(names):
+        f_ours = (ours_ops == index).float().mean().item()
+        f_tv = sum(op == name for op, _ in chosen) / len(chosen)
+        close(f_ours, f_tv, (1 / 14) ** 0.5, f"frequency of {name}")
+    signed = [m < 0 for op, m in chosen if op in ("Rotate", "ShearX", "Brightness")]
+    ours_signed = ours_negative[(ours_ops == names.index("Rotate")) | (ours_ops == names.index("ShearX"))
+                                | (ours_ops == names.index("Brightness"))]
+    close(ours_signed.float().mean().item(), sum(signed) / len(signed), 0.5 * 3.5, "negative sign rate")
+
+    # RandomErasing(p=0.25, value="random"): how often, and how much of the image
+    erase = v2.RandomErasing(p=0.25, value="random")
+    blank = torch.zeros(3, 32, 32)
+    tv_areas = torch.tensor([(erase(blank)[0] != 0).float().mean().item() for _ in range(n)])
+    ours_areas = torch.where(p["erase"], (p["erase_h"] * p["erase_w"]).float() / 1024, 0.0)
+    close((ours_areas > 0).float().mean().item(), (tv_areas > 0).float().mean().item(), 0.5, "erase rate")
+    close(ours_areas.mean().item(), tv_areas.mean().item(), tv_areas.std().item(), "erased area")
+
+
+def test_batch_augment_output_statistics_match_the_cpu_path():
+    import train_cifar
+    import gpu_augment
+    images = sample_images(3000)
+    torch.manual_seed(0)
+    recipe = train_cifar.parse_args(["--device", "cpu"])
+    cpu = torch.stack([train_cifar.train_transform(recipe)(im) for im in images])
+    gpu = gpu_augment.BatchAugment()(images, torch.Generator().manual_seed(0))
+    for c in range(3):
+        assert abs(cpu[:, c].mean() - gpu[:, c].mean()) < 0.05, c
+        assert abs(cpu[:, c].std() - gpu[:, c].std()) < 0.05, c
+    erased_cpu = (cpu.abs() > 3.5).float().mean()                     # noise beyond any pixel value
+    erased_gpu = (gpu.abs() > 3.5).float().mean()
+    assert abs(erased_cpu - erased_gpu) < 0.3 * erased_cpu
