@@ -19,6 +19,8 @@ input dtype. The ops are registered with torch.library, so torch.compile keeps t
 Tests: test_convmixer.py compares output and both gradients with nn.Conv2d; on a CPU it runs the
 same kernels in Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -82,7 +84,7 @@ def _depthwise_weight_grad_kernel(x_ptr, dy_ptr, partial_ptr, B, C, H, W, PAD_T,
 
 
 @torch.library.custom_op("convmixer::depthwise_conv", mutates_args=())
-def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    pad_top: int, pad_left: int) -> torch.Tensor:
     """Stride-1 depthwise convolution of x (B, C, H, W) with weight (C, 1, k, k), zero padding
     pad_top/pad_left before the image (and k-1-pad after it); output (B, C, H, W), x's dtype."""

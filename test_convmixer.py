@@ -655,3 +655,37 @@ def test_batch_augment_output_statistics_match_the_cpu_path():
     erased_cpu = (cpu.abs() > 3.5).float().mean()                     # noise beyond any pixel value
     erased_gpu = (gpu.abs() > 3.5).float().mean()
     assert abs(erased_cpu - erased_gpu) < 0.3 * erased_cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# tutorial.ipynb: runs top to bottom on a CPU within its time budget
+
+SECTIONS = ["## 1. The 280-character model", "## 2. The patch embedding", "## 3. Spatial mixing",
+            "## 4. Channel mixing", "## 5. Isotropy", "## 6. BatchNorm, GELU",
+            "## 7. ConvMixer, ViT and MLP-Mixer", "## 8. A short training run", "## 9. Why ConvMixer is slow"]
+
+
+def count_figures(notebook):
+    return sum("image/png" in output.get("data", {})
+               for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+
+
+def test_committed_tutorial_has_all_sections_and_its_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    for section in SECTIONS:
+        assert section in text, section
+    assert all(cell.outputs for cell in notebook.cells if cell.cell_type == "code")
+    assert count_figures(notebook) >= 4
+
+
+def test_tutorial_executes_within_five_minutes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    start = time.time()
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(HERE)}}).execute()   # raises on error
+    assert time.time() - start < 300
+    assert count_figures(notebook) >= 4
