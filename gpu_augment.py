@@ -13,7 +13,7 @@ applies them batched:
   (op, sign) and each group goes through torchvision's own functional op, unchanged;
 - the erasing is a per-image rectangle mask filled with N(0, 1) noise.
 
-    augment = BatchAugment()                      # defaults: the paper's recipe
+    augment = BatchAugment(mean, std)             # other defaults: the paper's recipe
     x = augment(images_uint8, generator)          # (B, 3, 32, 32) uint8 -> normalized float32
 """
 import math
@@ -21,8 +21,6 @@ import math
 import torch
 from torchvision.transforms.v2 import functional as F
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 NUM_MAGNITUDE_BINS = 31                      # torchvision's RandAugment default
 
 
@@ -142,8 +140,7 @@ def resized_crop(images, top, left, h, w, size):
 class BatchAugment:
     """Per-image RandomResizedCrop, flip, RandAugment, normalization and RandomErasing."""
 
-    def __init__(self, size=(32, 32), scale=0.75, ra_n=2, ra_m=9, reprob=0.25,
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    def __init__(self, mean, std, size=(32, 32), scale=0.75, ra_n=2, ra_m=9, reprob=0.25):
         self.size, self.scale, self.ra_n, self.reprob = size, (scale, 1.0), ra_n, reprob
         self.ops = randaugment_ops(ra_m, size)
         self.mean, self.std = mean, std

@@ -23,6 +23,7 @@ import convmixer
 from convmixer import ConvMixer, Residual, from_timm, to_timm
 
 HERE = Path(__file__).resolve().parent
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +582,7 @@ def test_per_image_resized_crop_matches_torchvision():
 def test_batch_augment_draws_each_images_own_parameters():
     import gpu_augment
     one = sample_images(1).expand(64, -1, -1, -1).contiguous()
-    out = gpu_augment.BatchAugment()(one, torch.Generator().manual_seed(0))
+    out = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD)(one, torch.Generator().manual_seed(0))
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
     distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
     assert len(distinct) > 60
@@ -594,7 +595,7 @@ def test_batch_augment_samples_the_same_distribution_as_the_cpu_path():
     n = 20_000
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    p = gpu_augment.BatchAugment().sample(n, g, "cpu")
+    p = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD).sample(n, g, "cpu")
 
     def close(ours, theirs, sd, name):             # sd: standard deviation of one draw
         assert abs(ours - theirs) < 5 * sd * (2 / n) ** 0.5, (name, ours, theirs)
@@ -648,7 +649,7 @@ def test_batch_augment_output_statistics_match_the_cpu_path():
     torch.manual_seed(0)
     recipe = train_cifar.parse_args(["--device", "cpu"])
     cpu = torch.stack([train_cifar.train_transform(recipe)(im) for im in images])
-    gpu = gpu_augment.BatchAugment()(images, torch.Generator().manual_seed(0))
+    gpu = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD)(images, torch.Generator().manual_seed(0))
     for c in range(3):
         assert abs(cpu[:, c].mean() - gpu[:, c].mean()) < 0.05, c
         assert abs(cpu[:, c].std() - gpu[:, c].std()) < 0.05, c

@@ -11,8 +11,8 @@ GPU; RandomResizedCrop(scale 0.75-1), flip, RandAugment(2 ops, magnitude 9), Mix
 (alpha 0.5, one of the two per batch), RandomErasing (p 0.25) and label smoothing 0.1.
 The paper reports 96.03% for ConvMixer-256/8 (k=9, p=1) after 200 epochs (Table 4).
 
-Evidence: the CPU smoke test in test_convmixer.py trains a tiny ConvMixer on 2,000 real CIFAR-10
-images; no full-length GPU run of this script has been recorded yet (see README).
+Evidence so far (README, Results): a 2-epoch ConvMixer-32/2 on 2,000 CIFAR-10 images reaches
+20.68% on a 2-thread CPU in 14.5 s, a smoke test; no full-length GPU run has been recorded yet.
 
 Randomness is tied to (seed, epoch, image) rather than to a stream, so a run is the same with any
 --workers, and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly where it stopped.
@@ -21,7 +21,6 @@ published ConvMixer layout + what is needed to use them), last.pt (full state fo
 """
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -240,13 +239,9 @@ def device_batches(plan, first_step, images, labels, augment):
         yield augment(images[index], generator), labels[index]
 
 
-def ignore_sigint():
+def _worker_init(_):
     """Data workers leave Ctrl-C to the main process, which stops cleanly between steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _worker_init(_):
-    ignore_sigint()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +386,8 @@ def training_data(cfg, images, labels, device):
     if cfg["fast"]:
         from gpu_augment import BatchAugment
         return {"images": images.to(device), "labels": labels.to(device),
-                "augment": BatchAugment(scale=cfg["scale"], ra_n=cfg["ra_n"], ra_m=cfg["ra_m"],
-                                        reprob=cfg["reprob"], mean=CIFAR10_MEAN, std=CIFAR10_STD)}
+                "augment": BatchAugment(CIFAR10_MEAN, CIFAR10_STD, scale=cfg["scale"],
+                                        ra_n=cfg["ra_n"], ra_m=cfg["ra_m"], reprob=cfg["reprob"])}
     return {"dataset": AugmentedImages(images, labels, train_transform(recipe))}
 
 
