@@ -3,12 +3,20 @@
 Why: PyTorch's native depthwise kernels take most of a ConvMixer training step on a GPU (84% of
 GPU time for ConvMixer-256/8 k9 on an H100, most of it in the weight gradient). The convolution
 itself is simple: each output pixel is the sum of k*k input pixels of the same channel, each
-times one weight. The kernels below compute exactly that, one (image, channel) plane per
-program, reading the k*k shifted views of the plane from cache:
+times one weight:
 
     forward     y[b,c,i,j]  = bias[c] + sum_{u,v} w[c,u,v] * x[b,c, i+u-pad, j+v-pad]
     input grad  dx          = the same convolution of dy with the flipped kernel
     weight grad dw[c,u,v]   = sum_{b,i,j} dy[b,c,i,j] * x[b,c, i+u-pad, j+v-pad]
+
+Each Triton program handles one (image, channel) plane, in one of two ways:
+
+- "direct": the formula above, k*k shifted loads of the plane (from cache), multiply, add.
+- "toeplitz": for each kernel row u, the sum over v along a row is a product with a W x W
+  banded (Toeplitz) matrix T_u[j', j] = w[u, j'-j+pad], so a plane is
+  y = sum_u shift_u(x) @ T_u: k small matrix products that run on tensor cores. The weight
+  gradient is the transposed product shift_u(x)^T @ dy, whose diagonals are dw[u, :].
+  Used when the rows fit one tile (9 <= W <= 128), e.g. CIFAR-10 at p = 1 (32 x 32).
 
 `use_fast_depthwise(model)` swaps every depthwise nn.Conv2d of a ConvMixer for
 FastDepthwiseConv2d, which keeps the same Parameter objects, so `state_dict()` and the optimizer
@@ -27,9 +35,21 @@ import triton.language as tl
 from torch import nn
 
 
-def _blocks(height, width):
-    """Tile of one program: the whole plane for CIFAR-sized planes, 32 x 64 pieces otherwise."""
+def _blocks(height, width, algorithm):
+    """Tile of one program: a whole CIFAR-sized plane, or pieces of bigger ones. "toeplitz"
+    keeps whole rows (tl.dot needs sides of at least 16)."""
+    if algorithm == "toeplitz":
+        return max(16, min(32, triton.next_power_of_2(height))), max(16, triton.next_power_of_2(width))
     return min(32, triton.next_power_of_2(height)), min(64, triton.next_power_of_2(width))
+
+
+def _algorithm(width, requested):
+    if requested == "auto":
+        return "toeplitz" if 9 <= width <= 128 else "direct"
+    if requested not in ("direct", "toeplitz") or (requested == "toeplitz" and width > 128):
+        raise ValueError(f"depthwise_conv: algorithm {requested!r} is not 'auto', 'direct' or "
+                         f"'toeplitz' (the latter for widths up to 128; this one is {width})")
+    return requested
 
 
 @triton.jit
@@ -49,6 +69,30 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_T, PAD_L,
             s = cols + v - PAD_L
             x = tl.load(x_plane + r * W + s, mask=row_ok & (s >= 0) & (s < W), other=0.0)
             acc += x.to(tl.float32) * tl.load(w_ptr + c * K * K + u * K + v).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_plane = y_ptr + plane.to(tl.int64) * H * W
+    tl.store(y_plane + rows * W + cols, acc.to(y_ptr.dtype.element_ty), mask=(rows < H) & (cols < W))
+
+
+@triton.jit
+def _depthwise_forward_toeplitz_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_T, PAD_L,
+                                       K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                                       PRECISION: tl.constexpr):
+    plane = tl.program_id(0)                                   # b * C + c
+    c = plane % C
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]   # output rows i
+    cols = tl.arange(0, BLOCK_W)[None, :]                                # columns j: whole rows
+    src = tl.arange(0, BLOCK_W)[:, None]                                 # input columns j'
+    x_plane = x_ptr + plane.to(tl.int64) * H * W
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for u in tl.static_range(K):
+        r = rows + u - PAD_T
+        x = tl.load(x_plane + r * W + cols, mask=(r >= 0) & (r < H) & (cols < W), other=0.0)
+        d = src - cols + PAD_L                                           # T_u[j', j] = w[u, j'-j+pad]
+        t = tl.load(w_ptr + c * K * K + u * K + d, mask=(d >= 0) & (d < K), other=0.0)
+        acc = tl.dot(x, t.to(x.dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     y_plane = y_ptr + plane.to(tl.int64) * H * W
@@ -83,54 +127,96 @@ def _depthwise_weight_grad_kernel(x_ptr, dy_ptr, partial_ptr, B, C, H, W, PAD_T,
             tl.store(out + u * K + v, tl.sum(acc))
 
 
+@triton.jit
+def _depthwise_weight_grad_toeplitz_kernel(x_ptr, dy_ptr, partial_ptr, B, C, H, W, PAD_T, PAD_L,
+                                           B_CHUNK, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                                           BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+    c = tl.program_id(0)
+    chunk = tl.program_id(1)                                   # which B_CHUNK images
+    tile = tl.program_id(2)                                    # which BLOCK_H rows
+    rows = tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK_W)[None, :]
+    src = tl.arange(0, BLOCK_W)[:, None]
+    inside = (rows < H) & (cols < W)
+    first = chunk * B_CHUNK
+    last = tl.minimum(first + B_CHUNK, B)
+    out = partial_ptr + ((chunk * tl.num_programs(2) + tile) * C + c).to(tl.int64) * K * K
+    for u in tl.static_range(K):
+        r = rows + u - PAD_T
+        ok = (r >= 0) & (r < H) & (cols < W)
+        m = tl.zeros((BLOCK_W, BLOCK_W), dtype=tl.float32)     # m[j', j] = sum_i x[i+u-pad, j'] dy[i, j]
+        for b in range(first, last):
+            offset = (b * C + c).to(tl.int64) * H * W
+            dy = tl.load(dy_ptr + offset + rows * W + cols, mask=inside, other=0.0)
+            x = tl.load(x_ptr + offset + r * W + cols, mask=ok, other=0.0)
+            m = tl.dot(tl.trans(x), dy.to(x.dtype), m, input_precision=PRECISION)
+        for v in tl.static_range(K):                           # dw[u, v]: the diagonal j' - j = v - pad
+            tl.store(out + u * K + v, tl.sum(tl.where(src - cols == v - PAD_L, m, 0.0)))
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"          # exact float32; bf16/fp16 ignore it
+
+
 @torch.library.custom_op("convmixer::depthwise_conv", mutates_args=())
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   pad_top: int, pad_left: int) -> torch.Tensor:
+                   pad_top: int, pad_left: int, algorithm: str = "auto") -> torch.Tensor:
     """Stride-1 depthwise convolution of x (B, C, H, W) with weight (C, 1, k, k), zero padding
     pad_top/pad_left before the image (and k-1-pad after it); output (B, C, H, W), x's dtype."""
     x = x.contiguous()
     B, C, H, W = x.shape
     K = weight.shape[-1]
+    algorithm = _algorithm(W, algorithm)
     y = torch.empty_like(x)
-    block_h, block_w = _blocks(H, W)
+    block_h, block_w = _blocks(H, W, algorithm)
     grid = (B * C, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
-    _depthwise_forward_kernel[grid](x, weight.contiguous(), bias if bias is not None else weight, y,
-                                    C, H, W, pad_top, pad_left, K=K, HAS_BIAS=bias is not None,
-                                    BLOCK_H=block_h, BLOCK_W=block_w)
+    args = (x, weight.contiguous(), bias if bias is not None else weight, y, C, H, W, pad_top, pad_left)
+    meta = dict(K=K, HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w)
+    if algorithm == "toeplitz":
+        _depthwise_forward_toeplitz_kernel[grid](*args, **meta, PRECISION=_precision(x.dtype))
+    else:
+        _depthwise_forward_kernel[grid](*args, **meta)
     return y
 
 
 @depthwise_conv.register_fake
-def _(x, weight, bias, pad_top, pad_left):
+def _(x, weight, bias, pad_top, pad_left, algorithm="auto"):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("convmixer::depthwise_conv_weight_grad", mutates_args=())
 def depthwise_conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, kernel_size: int,
-                               pad_top: int, pad_left: int, batch_chunk: int = 16) -> torch.Tensor:
+                               pad_top: int, pad_left: int, algorithm: str = "auto",
+                               batch_chunk: int = 16) -> torch.Tensor:
     """d(loss)/d(weight), float32 (C, 1, k, k): per-program partial sums, then one small sum."""
     x, grad_y = x.contiguous(), grad_y.contiguous()
     B, C, H, W = x.shape
-    block_h, block_w = _blocks(H, W)
+    algorithm = _algorithm(W, algorithm)
+    block_h, block_w = _blocks(H, W, algorithm)
     chunks = triton.cdiv(B, batch_chunk)
     tiles = triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
     partial = torch.empty(chunks * tiles, C, kernel_size * kernel_size, device=x.device,
                           dtype=torch.float32)
-    _depthwise_weight_grad_kernel[(C, chunks, tiles)](x, grad_y, partial, B, C, H, W, pad_top,
-                                                      pad_left, batch_chunk, K=kernel_size,
-                                                      BLOCK_H=block_h, BLOCK_W=block_w)
+    args = (x, grad_y, partial, B, C, H, W, pad_top, pad_left, batch_chunk)
+    meta = dict(K=kernel_size, BLOCK_H=block_h, BLOCK_W=block_w)
+    if algorithm == "toeplitz":
+        _depthwise_weight_grad_toeplitz_kernel[(C, chunks, tiles)](*args, **meta,
+                                                                  PRECISION=_precision(x.dtype))
+    else:
+        _depthwise_weight_grad_kernel[(C, chunks, tiles)](*args, **meta)
     return partial.sum(0).view(C, 1, kernel_size, kernel_size)
 
 
 @depthwise_conv_weight_grad.register_fake
-def _(x, grad_y, kernel_size, pad_top, pad_left, batch_chunk=16):
+def _(x, grad_y, kernel_size, pad_top, pad_left, algorithm="auto", batch_chunk=16):
     return x.new_empty(x.shape[1], 1, kernel_size, kernel_size, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, pad_top, pad_left = inputs
+    x, weight, bias, pad_top, pad_left, algorithm = inputs
     ctx.save_for_backward(x, weight)
     ctx.pads = pad_top, pad_left
+    ctx.algorithm = algorithm
     ctx.has_bias = bias is not None
 
 
@@ -139,10 +225,11 @@ def _backward(ctx, grad_y):
     pad_top, pad_left = ctx.pads
     k = weight.shape[-1]
     # dx: correlate dy with the kernel turned by 180 degrees; the padding swaps sides.
-    grad_x = depthwise_conv(grad_y, weight.flip(-1, -2), None, k - 1 - pad_top, k - 1 - pad_left)
-    grad_w = depthwise_conv_weight_grad(x, grad_y, k, pad_top, pad_left).to(weight.dtype)
+    grad_x = depthwise_conv(grad_y, weight.flip(-1, -2), None, k - 1 - pad_top, k - 1 - pad_left,
+                            ctx.algorithm)
+    grad_w = depthwise_conv_weight_grad(x, grad_y, k, pad_top, pad_left, ctx.algorithm).to(weight.dtype)
     grad_b = grad_y.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None
-    return grad_x, grad_w, grad_b, None, None
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 depthwise_conv.register_autograd(_backward, setup_context=_setup_context)
@@ -150,9 +237,10 @@ depthwise_conv.register_autograd(_backward, setup_context=_setup_context)
 
 class FastDepthwiseConv2d(nn.Module):
     """nn.Conv2d(dim, dim, k, groups=dim, padding="same") computed by the Triton kernels above.
-    Built from such a conv, it shares its weight and bias Parameters."""
+    Built from such a conv, it shares its weight and bias Parameters. `algorithm`: "auto",
+    "direct" or "toeplitz" (see the top of this file)."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, algorithm: str = "auto"):
         super().__init__()
         k = conv.kernel_size[0]
         if not (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k)
@@ -161,12 +249,13 @@ class FastDepthwiseConv2d(nn.Module):
             raise ValueError(f"FastDepthwiseConv2d: {conv} is not a stride-1 'same' depthwise conv")
         self.weight, self.bias = conv.weight, conv.bias
         self.pad = (k - 1) // 2                  # nn.Conv2d's "same": extra padding after the image
+        self.algorithm = algorithm
 
     def forward(self, x):
         device = x.device.type
         if torch.is_autocast_enabled(device):    # what autocast would do for nn.Conv2d's input
             x = x.to(torch.get_autocast_dtype(device))
-        return depthwise_conv(x, self.weight, self.bias, self.pad, self.pad)
+        return depthwise_conv(x, self.weight, self.bias, self.pad, self.pad, self.algorithm)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, kernel_size={self.weight.shape[-1]}, padding='same'"

@@ -471,14 +471,15 @@ def fast_depthwise():
 
 @pytest.mark.parametrize("B,C,H,W,k", [
     (1, 3, 8, 8, 3), (2, 4, 7, 5, 4), (3, 2, 9, 70, 9), (2, 2, 40, 6, 2), (1, 1, 1, 1, 1),
-    (17, 2, 5, 6, 3), (2, 3, 32, 32, 9), (64, 1, 3, 3, 3),
+    (17, 2, 5, 6, 3), (2, 3, 32, 32, 9), (2, 2, 50, 20, 8), (64, 1, 3, 3, 3),
     # The interpreter runs one program at a time (about 2 minutes for this one): GPU only.
     pytest.param(512, 2, 3, 3, 5, marks=pytest.mark.skipif(DEVICE == "cpu", reason="slow in the interpreter")),
 ])
-def test_fast_depthwise_matches_conv2d_float32(fast_depthwise, B, C, H, W, k):
+@pytest.mark.parametrize("algorithm", ["direct", "toeplitz"])
+def test_fast_depthwise_matches_conv2d_float32(fast_depthwise, algorithm, B, C, H, W, k):
     torch.manual_seed(0)
     conv = nn.Conv2d(C, C, k, groups=C, padding="same").to(DEVICE)
-    fast = fast_depthwise.FastDepthwiseConv2d(conv)
+    fast = fast_depthwise.FastDepthwiseConv2d(conv, algorithm)
     x = torch.randn(B, C, H, W, device=DEVICE, requires_grad=True)
     grad_y = torch.randn(B, C, H, W, device=DEVICE)
     expected = [conv(x), *torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad_y)]
@@ -490,10 +491,11 @@ def test_fast_depthwise_matches_conv2d_float32(fast_depthwise, B, C, H, W, k):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 kernels are checked on a GPU")
+@pytest.mark.parametrize("algorithm", ["direct", "toeplitz"])
 @pytest.mark.parametrize("B,k", [(1, 9), (64, 8), (512, 9)])
-def test_fast_depthwise_matches_conv2d_bfloat16_autocast(fast_depthwise, B, k):
+def test_fast_depthwise_matches_conv2d_bfloat16_autocast(fast_depthwise, algorithm, B, k):
     conv = nn.Conv2d(256, 256, k, groups=256, padding="same").cuda()
-    fast = fast_depthwise.FastDepthwiseConv2d(conv)
+    fast = fast_depthwise.FastDepthwiseConv2d(conv, algorithm)
     x = torch.randn(B, 256, 32, 32, device="cuda", requires_grad=True)
     grad_y = torch.randn(B, 256, 32, 32, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", torch.bfloat16):
@@ -521,6 +523,24 @@ def test_fast_depthwise_in_a_convmixer_keeps_state_dict_and_results(fast_depthwi
     loss_fast.backward()
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_benchmark_depthwise_breakdown_times_both_kernels(fast_depthwise):
+    import train_cifar
+    args = train_cifar.parse_args(["--hdim", "2", "--ksize", "3", "--psize", "8", "--batch-size", "2",
+                                   "--device", DEVICE])
+    timings = train_cifar.depthwise_breakdown(args, torch.device(DEVICE), amp=False, repeats=1)
+    assert set(timings) == {f"{k}_{p}" for k in ("native", "triton_direct", "triton_toeplitz")
+                            for p in ("forward", "forward_backward")}
+    assert all(v > 0 for v in timings.values())
+
+
+def test_fast_depthwise_algorithm_must_fit(fast_depthwise):
+    conv = nn.Conv2d(2, 2, 3, groups=2, padding="same")
+    with pytest.raises(ValueError, match="algorithm"):
+        fast_depthwise.FastDepthwiseConv2d(conv, "fft")(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="widths up to 128"):
+        fast_depthwise.FastDepthwiseConv2d(conv, "toeplitz")(torch.randn(1, 2, 2, 130))
 
 
 def test_fast_depthwise_refuses_other_convolutions(fast_depthwise):

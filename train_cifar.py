@@ -549,6 +549,40 @@ def train(args):
     return final
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def depthwise_breakdown(args, device, amp, repeats=20):
+    """Milliseconds for one depthwise layer of this config, nn.Conv2d vs each Triton algorithm:
+    forward, and forward + backward (input and weight gradients)."""
+    from fast_depthwise import FastDepthwiseConv2d
+    side = 32 // args.psize
+    conv = nn.Conv2d(args.hdim, args.hdim, args.ksize, groups=args.hdim, padding="same").to(device)
+    x = torch.randn(args.batch_size, args.hdim, side, side, device=device, requires_grad=True)
+    timings = {}
+    layers = [("native", conv), ("triton_direct", FastDepthwiseConv2d(conv, "direct"))]
+    if side <= 128:
+        layers.append(("triton_toeplitz", FastDepthwiseConv2d(conv, "toeplitz")))
+    for name, layer in layers:
+        for part in ("forward", "forward_backward"):
+            def run():
+                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    y = layer(x)
+                if part == "forward_backward":
+                    y.backward(torch.ones_like(y))
+            run()
+            synchronize(device)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            synchronize(device)
+            timings[f"{name}_{part}"] = 1000 * (time.perf_counter() - t) / repeats
+    print("one depthwise layer, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    return timings
+
+
 def benchmark(args):
     """Training throughput of the plain and the fast path for one config, on synthetic data."""
     device = torch.device(args.device)
@@ -562,17 +596,13 @@ def benchmark(args):
     labels = torch.randint(0, N_CLASSES, (steps * b,), generator=g)
     plan = EpochPlan(steps * b, b, args.seed, 0)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def images_per_second(run_steps):
         """Time run_steps(n) for `warmup` then `bench_steps` steps; images per second."""
         run_steps(range(warmup))
-        sync()
+        synchronize(device)
         t = time.perf_counter()
         run_steps(range(warmup, steps))
-        sync()
+        synchronize(device)
         return args.bench_steps * b / (time.perf_counter() - t)
 
     result = {"device": device_name(device), "torch": torch.__version__,
@@ -615,6 +645,8 @@ def benchmark(args):
     result["speedup"] = result["fast_img_s"] / result["plain_img_s"]
     print(f"fast/plain: {result['speedup']:.2f}x; augmentation alone (fast path): "
           f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}")
+    if device.type == "cuda":
+        result["depthwise_ms"] = depthwise_breakdown(args, device, amp)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'benchmark.json'}")
