@@ -173,17 +173,17 @@ class BatchAugment:
                     erase_h=h, erase_w=w)
 
     def randaugment(self, images, ops, negative):
-        """Apply op ops[i] (sign negative[i]) to image i, one torchvision call per (op, sign)."""
-        out = images.clone()
-        for op_index, (_, signed, magnitude, fn) in enumerate(self.ops):
-            for sign in ((False, True) if signed else (False,)):
-                chosen = ops == op_index
-                if signed:
-                    chosen &= negative == sign
-                index = chosen.nonzero()[:, 0]
-                if len(index):
-                    m = None if magnitude is None else (-magnitude if sign else magnitude)
-                    out[index] = fn(images[index], m)
+        """Apply op ops[i] (negative magnitude if negative[i]) to image i: images are grouped by
+        (op, sign) and each group goes through one torchvision call; one host sync in all."""
+        group = ops * 2 + negative.long()                         # (op, sign) -> 0 .. 27
+        order = torch.argsort(group)
+        counts = torch.bincount(group, minlength=2 * len(self.ops)).tolist()
+        out = torch.empty_like(images)
+        for g, index in enumerate(order.split(counts)):
+            if len(index):
+                _, signed, magnitude, fn = self.ops[g // 2]
+                m = -magnitude if signed and g % 2 else magnitude   # unsigned ops ignore the sign
+                out[index] = fn(images[index], m)
         return out
 
     def __call__(self, images, generator, params=None):

@@ -21,6 +21,7 @@ published ConvMixer layout + what is needed to use them), last.pt (full state fo
 """
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -392,20 +393,23 @@ def training_data(cfg, images, labels, device):
 
 
 def train_step(net, optimizer, criterion, images, targets, lr, amp, clip):
-    """One AdamW step; returns (loss, logits), or None (weights untouched) if the loss is not finite."""
+    """One AdamW step. Returns (loss, number of images whose top class matches the target's
+    largest share), or None, with the weights untouched, if the loss is not finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
         logits = net(images)
     loss = criterion(logits.float(), targets)
-    if not torch.isfinite(loss):
+    correct = (logits.argmax(1) == targets.argmax(1)).sum()
+    loss_value, correct = torch.stack([loss.detach(), correct.float()]).tolist()   # one host sync
+    if not math.isfinite(loss_value):
         return None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip > 0:
         nn.utils.clip_grad_norm_(net.parameters(), clip)
     optimizer.step()
-    return loss, logits
+    return loss_value, correct
 
 
 def train(args):
@@ -497,14 +501,14 @@ def train(args):
                         else "no checkpoint had been written yet")
                 raise Fail(f"the loss became nan or inf at epoch {epoch + 1}, step {step + 1}; "
                            f"stopped before updating the weights; {kept}")
-            loss, logits = result
+            loss, correct = result
             step += 1
-            sums["loss"] += loss.item() * len(images)
-            sums["correct"] += (logits.argmax(1) == targets.argmax(1)).sum().item()
+            sums["loss"] += loss * len(images)
+            sums["correct"] += correct
             sums["seen"] += len(images)
             if live:
                 seconds = sums["seconds"] + time.time() - t0
-                print(f"\r  epoch {epoch + 1} step {step}/{steps_per_epoch}  loss {loss.item():.3f}  "
+                print(f"\r  epoch {epoch + 1} step {step}/{steps_per_epoch}  loss {loss:.3f}  "
                       f"{sums['seen'] / max(seconds, 1e-9):,.0f} img/s ", end="", flush=True)
             if stop.signum is not None:
                 break
