@@ -235,6 +235,13 @@ def _backward(ctx, grad_y):
 depthwise_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
+def is_same_depthwise(conv: nn.Module) -> bool:
+    """Whether `conv` is what ConvMixer uses: a square, stride-1, zero-"same"-padded depthwise conv."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+            and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.padding == "same" and conv.padding_mode == "zeros")
+
+
 class FastDepthwiseConv2d(nn.Module):
     """nn.Conv2d(dim, dim, k, groups=dim, padding="same") computed by the Triton kernels above.
     Built from such a conv, it shares its weight and bias Parameters. `algorithm`: "auto",
@@ -242,11 +249,9 @@ class FastDepthwiseConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, algorithm: str = "auto"):
         super().__init__()
-        k = conv.kernel_size[0]
-        if not (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k)
-                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == "same"
-                and conv.padding_mode == "zeros"):
+        if not is_same_depthwise(conv):
             raise ValueError(f"FastDepthwiseConv2d: {conv} is not a stride-1 'same' depthwise conv")
+        k = conv.kernel_size[0]
         self.weight, self.bias = conv.weight, conv.bias
         self.pad = (k - 1) // 2                  # nn.Conv2d's "same": extra padding after the image
         self.algorithm = algorithm
@@ -265,6 +270,6 @@ def use_fast_depthwise(model: nn.Module) -> nn.Module:
     """Replace, in place, every depthwise 'same' nn.Conv2d inside `model` by FastDepthwiseConv2d."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d) and child.groups > 1 and child.groups == child.in_channels:
+            if is_same_depthwise(child):
                 setattr(parent, name, FastDepthwiseConv2d(child))
     return model

@@ -25,8 +25,9 @@ NUM_MAGNITUDE_BINS = 31                      # torchvision's RandAugment default
 
 
 def randaugment_ops(magnitude, size):
-    """The 14 RandAugment ops of torchvision, in its order: (name, signed, fn(images, m)), where m
-    is the op's magnitude for `magnitude` (out of 30) on images of `size` = (H, W)."""
+    """torchvision's 14 RandAugment ops, in its order, as (name, signed, m, fn): m is the op's
+    magnitude for `magnitude` (0-30) on images of `size` = (H, W), or None for ops without one;
+    fn(images, m or -m) applies the op to a batch of uint8 images."""
     height, width = size
     bins = NUM_MAGNITUDE_BINS
 
