@@ -91,9 +91,10 @@ def parse_args(argv=None):
                      help="continue the run in --out from its last.pt (its recipe is reused)")
     run.add_argument("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
     speed = p.add_argument_group("speed (optional; see gpu_augment.py and fast_depthwise.py)")
-    speed.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+    speed.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
                        help="keep the data on the device and augment whole batches there; on CUDA "
-                            "also use the Triton depthwise convolution (default: on for CUDA)")
+                            "also use the Triton depthwise convolution. Off by default until it "
+                            "has been measured on a GPU (see README)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--benchmark", action="store_true",
                        help="time training steps of the plain and the fast path on synthetic data "
@@ -138,8 +139,6 @@ def parse_args(argv=None):
         p.error("--resume needs --out, the folder of the run to continue")
     if sum(map(bool, (args.resume, args.eval, args.benchmark))) > 1:
         p.error("--resume, --eval and --benchmark do not go together")
-    if args.fast is None:
-        args.fast = device.type == "cuda"
     if args.out and not args.resume and not args.eval and Path(args.out).exists() \
             and any(Path(args.out).iterdir()):
         p.error(f"--out {args.out} already exists and is not empty; "
