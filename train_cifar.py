@@ -75,13 +75,14 @@ def parse_args(argv=None):
     aug.add_argument("--cutmix", type=float, default=0.5, help="CutMix alpha (0: off)")
     aug.add_argument("--reprob", type=float, default=0.25, help="RandomErasing probability")
     run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="all randomness derives from it")
     run.add_argument("--data", default="./data", help="CIFAR-10 root (downloaded if missing)")
     run.add_argument("--fake-data", type=int, metavar="N", default=0,
                      help="use N synthetic images (torchvision FakeData) instead of CIFAR-10, "
                           "to smoke-test the pipeline; accuracy is meaningless")
-    run.add_argument("--out", help="output folder (default: a new folder under runs/)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--out", help="output folder; when not given, a new folder under runs/")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu, cuda, cuda:1, ... (cuda when present)")
     run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                      help="data-loading processes (0: load in the main process)")
     run.add_argument("--subset", type=int, metavar="N", help="train on the first N training images")
