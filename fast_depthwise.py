@@ -1,9 +1,9 @@
 """A faster depthwise convolution for ConvMixer's k x k spatial mixing, written in Triton.
 
-Why: PyTorch's native depthwise kernels take most of a ConvMixer training step on a GPU (84% of
-GPU time for ConvMixer-256/8 k9 on an H100, most of it in the weight gradient). The convolution
-itself is simple: each output pixel is the sum of k*k input pixels of the same channel, each
-times one weight:
+Why: PyTorch's native depthwise kernels take most of the GPU time of a ConvMixer training step
+(the profile of ConvMixer-256/8 k9 on an H100 in this project's issue tracker puts most of it in
+the weight gradient). The convolution itself is simple: each output pixel is the sum of k*k input
+pixels of the same channel, each times one weight:
 
     forward     y[b,c,i,j]  = bias[c] + sum_{u,v} w[c,u,v] * x[b,c, i+u-pad, j+v-pad]
     input grad  dx          = the same convolution of dy with the flipped kernel
