@@ -377,6 +377,32 @@ def test_interrupt_then_resume_equals_uninterrupted(path, reference_run, tmp_pat
     assert "final test accuracy" in result.stdout
 
 
+def test_val_holds_out_the_last_training_images_and_reports_them(tmp_path):
+    run_script("--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "1", "--batch-size", "100",
+               "--fake-data", "1000", "--val", "300", "--device", "cpu", "--workers", "0",
+               "--out", tmp_path / "o")
+    log = read_log(tmp_path / "o")
+    assert log[0]["config"]["n_train"] == 700
+    assert "val_acc" in log[1] and "val_acc" in log[-1] and log[-1]["final"]
+
+
+def test_sigterm_also_saves_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), "--hdim", "16", "--depth", "1",
+                             "--psize", "4", "--epochs", "50", "--batch-size", "50", "--fake-data", "1000",
+                             "--device", "cpu", "--workers", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert "SIGTERM" in stderr and f"--resume --out {out}" in stderr and "Traceback" not in stderr
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] < 50
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     result = run_script("--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "1",
                         "--batch-size", "100", "--fake-data", "400", "--device", "cpu",
