@@ -2,7 +2,7 @@
 
 train_cifar.train_transform (the readable reference) augments one image at a time in CPU worker
 processes: RandomResizedCrop -> horizontal flip -> RandAugment -> normalize -> RandomErasing.
-That path tops out at a few thousand images per second. torchvision.transforms.v2 can run on a
+Its speed is bounded by the CPU cores, not by the GPU. torchvision.transforms.v2 can run on a
 GPU batch, but it draws one set of random parameters per call, so every image of the batch would
 get the same crop, the same ops and the same erased box: not the recipe. BatchAugment draws every
 parameter per image, from the same distributions as v2 (test_convmixer.py compares them), and
