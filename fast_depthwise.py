@@ -14,9 +14,11 @@ Each Triton program handles one (image, channel) plane, in one of two ways:
 - "direct": the formula above, k*k shifted loads of the plane (from cache), multiply, add.
 - "toeplitz": for each kernel row u, the sum over v along a row is a product with a W x W
   banded (Toeplitz) matrix T_u[j', j] = w[u, j'-j+pad], so a plane is
-  y = sum_u shift_u(x) @ T_u: k small matrix products that run on tensor cores. The weight
-  gradient is the transposed product shift_u(x)^T @ dy, whose diagonals are dw[u, :].
-  Used when the rows fit one tile (9 <= W <= 128), e.g. CIFAR-10 at p = 1 (32 x 32).
+  y = sum_u shift_u(x) @ T_u: k small matrix products that run on tensor cores. The matrices
+  depend only on the channel, so each call builds them once (toeplitz_matrices) and every plane
+  just loads them. The weight gradient is the transposed product shift_u(x)^T @ dy, whose
+  diagonals are dw[u, :]. Used for 9 <= W <= 32 (whole rows in one tile; wider tiles spilled
+  registers when compiled), e.g. CIFAR-10 at p = 1 (32 x 32) or ImageNet at p = 7 and 14.
 
 `use_fast_depthwise(model)` swaps every depthwise nn.Conv2d of a ConvMixer for
 FastDepthwiseConv2d, which keeps the same Parameter objects, so `state_dict()` and the optimizer
@@ -26,7 +28,10 @@ input dtype. The ops are registered with torch.library, so torch.compile keeps t
 
 Tests: test_convmixer.py compares output and both gradients with nn.Conv2d; on a CPU it runs the
 same kernels in Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported).
+tools/check_kernels.py compiles the launches below for an H100 on any machine and checks for
+spilled registers, shared memory and tensor-core instructions (it runs in the tests too).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -43,12 +48,18 @@ def _blocks(height, width, algorithm):
     return min(32, triton.next_power_of_2(height)), min(64, triton.next_power_of_2(width))
 
 
+# Wider rows make bigger tiles: compiled for an H100, the float32 kernels spill registers at
+# W = 64 and the bfloat16 ones at W = 128 (tools/check_kernels.py); "direct" takes those.
+TOEPLITZ_MAX_WIDTH = 32
+
+
 def _algorithm(width, requested):
     if requested == "auto":
-        return "toeplitz" if 9 <= width <= 128 else "direct"
-    if requested not in ("direct", "toeplitz") or (requested == "toeplitz" and width > 128):
+        return "toeplitz" if 9 <= width <= TOEPLITZ_MAX_WIDTH else "direct"
+    if requested not in ("direct", "toeplitz") or (requested == "toeplitz" and width > TOEPLITZ_MAX_WIDTH):
         raise ValueError(f"depthwise_conv: algorithm {requested!r} is not 'auto', 'direct' or "
-                         f"'toeplitz' (the latter for widths up to 128; this one is {width})")
+                         f"'toeplitz' (the latter for widths up to {TOEPLITZ_MAX_WIDTH}; "
+                         f"this one is {width})")
     return requested
 
 
@@ -62,7 +73,7 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_T, PAD_L,
     cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     x_plane = x_ptr + plane.to(tl.int64) * H * W
     acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
-    for u in tl.static_range(K):
+    for u in range(K):             # a loop, not unrolled: k*k unrolled loads spill registers
         r = rows + u - PAD_T
         row_ok = (r >= 0) & (r < H)
         for v in tl.static_range(K):
@@ -76,7 +87,7 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_T, PAD_L,
 
 
 @triton.jit
-def _depthwise_forward_toeplitz_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_T, PAD_L,
+def _depthwise_forward_toeplitz_kernel(x_ptr, t_ptr, b_ptr, y_ptr, C, H, W, PAD_T,
                                        K: tl.constexpr, HAS_BIAS: tl.constexpr,
                                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                                        PRECISION: tl.constexpr):
@@ -86,13 +97,13 @@ def _depthwise_forward_toeplitz_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_
     cols = tl.arange(0, BLOCK_W)[None, :]                                # columns j: whole rows
     src = tl.arange(0, BLOCK_W)[:, None]                                 # input columns j'
     x_plane = x_ptr + plane.to(tl.int64) * H * W
+    t_channel = t_ptr + c * K * BLOCK_W * BLOCK_W                        # (K, BLOCK_W, BLOCK_W)
     acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     for u in tl.static_range(K):
         r = rows + u - PAD_T
         x = tl.load(x_plane + r * W + cols, mask=(r >= 0) & (r < H) & (cols < W), other=0.0)
-        d = src - cols + PAD_L                                           # T_u[j', j] = w[u, j'-j+pad]
-        t = tl.load(w_ptr + c * K * K + u * K + d, mask=(d >= 0) & (d < K), other=0.0)
-        acc = tl.dot(x, t.to(x.dtype), acc, input_precision=PRECISION)
+        t = tl.load(t_channel + (u * BLOCK_W + src) * BLOCK_W + cols)   # T_u, zero-padded
+        acc = tl.dot(x, t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     y_plane = y_ptr + plane.to(tl.int64) * H * W
@@ -150,12 +161,74 @@ def _depthwise_weight_grad_toeplitz_kernel(x_ptr, dy_ptr, partial_ptr, B, C, H, 
             dy = tl.load(dy_ptr + offset + rows * W + cols, mask=inside, other=0.0)
             x = tl.load(x_ptr + offset + r * W + cols, mask=ok, other=0.0)
             m = tl.dot(tl.trans(x), dy.to(x.dtype), m, input_precision=PRECISION)
-        for v in tl.static_range(K):                           # dw[u, v]: the diagonal j' - j = v - pad
-            tl.store(out + u * K + v, tl.sum(tl.where(src - cols == v - PAD_L, m, 0.0)))
+        # dw[u, v] is the sum of m's diagonal j' - j = v - pad: gather it into row v, then add up.
+        diagonal = cols + src - PAD_L                          # [v, j] -> j' = j + v - pad
+        on = (src < K) & (diagonal >= 0) & (diagonal < BLOCK_W)
+        skewed = tl.gather(m, tl.where(on, diagonal, 0), axis=0)   # skewed[v, j] = m[j + v - pad, j]
+        dw_u = tl.sum(tl.where(on, skewed, 0.0), axis=1)           # (BLOCK_W,): dw[u, v] for v < K
+        v = tl.arange(0, BLOCK_W)
+        tl.store(out + u * K + v, dw_u, mask=v < K)
 
 
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"          # exact float32; bf16/fp16 ignore it
+
+
+@functools.lru_cache(maxsize=None)
+def _band_index(block_w, pad_left, k, device):
+    """(block_w, block_w) index into a kernel row extended by one zero tap: [j', j] -> the tap
+    j' - j + pad_left when it is one of the k taps, else k (the zero)."""
+    j = torch.arange(block_w, device=device)
+    d = j[:, None] - j[None, :] + pad_left
+    return torch.where((d >= 0) & (d < k), d, k)
+
+
+def toeplitz_matrices(weight, pad_left, block_w, dtype):
+    """The banded matrices of "toeplitz", zero-padded to block_w: (C, k, block_w, block_w) with
+    T[c, u, j', j] = weight[c, 0, u, j' - j + pad_left] where that index lies in 0..k-1, else 0.
+    They depend on the channel only, so they are built once per call, not once per image."""
+    C, _, k, _ = weight.shape
+    taps = torch.cat([weight[:, 0], weight.new_zeros(C, k, 1)], dim=-1)      # (C, k, k + 1)
+    return taps[:, :, _band_index(block_w, pad_left, k, weight.device)].to(dtype)
+
+
+def forward_launch(x, weight, bias, y, pad_top, pad_left, algorithm):
+    """(kernel, grid, args, constexprs) that compute y = depthwise_conv(x) (tools/check_kernels.py
+    compiles the same launches for an H100)."""
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    algorithm = _algorithm(W, algorithm)
+    block_h, block_w = _blocks(H, W, algorithm)
+    grid = (B * C, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
+    bias_or_any = bias if bias is not None else weight          # not read when HAS_BIAS is False
+    meta = dict(K=K, HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w)
+    if algorithm == "toeplitz":
+        t = toeplitz_matrices(weight, pad_left, block_w, x.dtype)
+        return (_depthwise_forward_toeplitz_kernel, grid, (x, t, bias_or_any, y, C, H, W, pad_top),
+                meta | dict(PRECISION=_precision(x.dtype)))
+    return (_depthwise_forward_kernel, grid, (x, weight, bias_or_any, y, C, H, W, pad_top, pad_left),
+            meta)
+
+
+def weight_grad_launch(x, grad_y, partial, kernel_size, pad_top, pad_left, algorithm, batch_chunk):
+    """(kernel, grid, args, constexprs) that write the weight gradient's partial sums; `partial`
+    is (partial_rows(...), C, k*k) float32."""
+    B, C, H, W = x.shape
+    algorithm = _algorithm(W, algorithm)
+    block_h, block_w = _blocks(H, W, algorithm)
+    grid = (C, triton.cdiv(B, batch_chunk), triton.cdiv(H, block_h) * triton.cdiv(W, block_w))
+    args = (x, grad_y, partial, B, C, H, W, pad_top, pad_left, batch_chunk)
+    meta = dict(K=kernel_size, BLOCK_H=block_h, BLOCK_W=block_w)
+    if algorithm == "toeplitz":
+        return _depthwise_weight_grad_toeplitz_kernel, grid, args, meta | dict(PRECISION=_precision(x.dtype))
+    return _depthwise_weight_grad_kernel, grid, args, meta
+
+
+def partial_rows(shape, algorithm, batch_chunk):
+    """How many partial sums of the weight gradient each channel gets: one per program."""
+    B, C, H, W = shape
+    block_h, block_w = _blocks(H, W, _algorithm(W, algorithm))
+    return triton.cdiv(B, batch_chunk) * triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
 
 
 @torch.library.custom_op("convmixer::depthwise_conv", mutates_args=())
@@ -164,18 +237,10 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """Stride-1 depthwise convolution of x (B, C, H, W) with weight (C, 1, k, k), zero padding
     pad_top/pad_left before the image (and k-1-pad after it); output (B, C, H, W), x's dtype."""
     x = x.contiguous()
-    B, C, H, W = x.shape
-    K = weight.shape[-1]
-    algorithm = _algorithm(W, algorithm)
     y = torch.empty_like(x)
-    block_h, block_w = _blocks(H, W, algorithm)
-    grid = (B * C, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
-    args = (x, weight.contiguous(), bias if bias is not None else weight, y, C, H, W, pad_top, pad_left)
-    meta = dict(K=K, HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w)
-    if algorithm == "toeplitz":
-        _depthwise_forward_toeplitz_kernel[grid](*args, **meta, PRECISION=_precision(x.dtype))
-    else:
-        _depthwise_forward_kernel[grid](*args, **meta)
+    kernel, grid, args, meta = forward_launch(x, weight.contiguous(), bias, y, pad_top, pad_left,
+                                              algorithm)
+    kernel[grid](*args, **meta)
     return y
 
 
@@ -190,20 +255,12 @@ def depthwise_conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, kernel_siz
                                batch_chunk: int = 16) -> torch.Tensor:
     """d(loss)/d(weight), float32 (C, 1, k, k): per-program partial sums, then one small sum."""
     x, grad_y = x.contiguous(), grad_y.contiguous()
-    B, C, H, W = x.shape
-    algorithm = _algorithm(W, algorithm)
-    block_h, block_w = _blocks(H, W, algorithm)
-    chunks = triton.cdiv(B, batch_chunk)
-    tiles = triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
-    partial = torch.empty(chunks * tiles, C, kernel_size * kernel_size, device=x.device,
-                          dtype=torch.float32)
-    args = (x, grad_y, partial, B, C, H, W, pad_top, pad_left, batch_chunk)
-    meta = dict(K=kernel_size, BLOCK_H=block_h, BLOCK_W=block_w)
-    if algorithm == "toeplitz":
-        _depthwise_weight_grad_toeplitz_kernel[(C, chunks, tiles)](*args, **meta,
-                                                                  PRECISION=_precision(x.dtype))
-    else:
-        _depthwise_weight_grad_kernel[(C, chunks, tiles)](*args, **meta)
+    C = x.shape[1]
+    partial = torch.empty(partial_rows(x.shape, algorithm, batch_chunk), C,
+                          kernel_size * kernel_size, device=x.device, dtype=torch.float32)
+    kernel, grid, args, meta = weight_grad_launch(x, grad_y, partial, kernel_size, pad_top,
+                                                  pad_left, algorithm, batch_chunk)
+    kernel[grid](*args, **meta)
     return partial.sum(0).view(C, 1, kernel_size, kernel_size)
 
 

@@ -497,12 +497,14 @@ def fast_depthwise():
 
 @pytest.mark.parametrize("B,C,H,W,k", [
     (1, 3, 8, 8, 3), (2, 4, 7, 5, 4), (3, 2, 9, 70, 9), (2, 2, 40, 6, 2), (1, 1, 1, 1, 1),
-    (17, 2, 5, 6, 3), (2, 3, 32, 32, 9), (2, 2, 50, 20, 8), (64, 1, 3, 3, 3),
+    (17, 2, 5, 6, 3), (2, 3, 32, 32, 9), (2, 2, 50, 20, 8), (2, 2, 12, 31, 7), (64, 1, 3, 3, 3),
     # The interpreter runs one program at a time (about 2 minutes for this one): GPU only.
     pytest.param(512, 2, 3, 3, 5, marks=pytest.mark.skipif(DEVICE == "cpu", reason="slow in the interpreter")),
 ])
 @pytest.mark.parametrize("algorithm", ["direct", "toeplitz"])
 def test_fast_depthwise_matches_conv2d_float32(fast_depthwise, algorithm, B, C, H, W, k):
+    if algorithm == "toeplitz" and W > fast_depthwise.TOEPLITZ_MAX_WIDTH:
+        pytest.skip("toeplitz takes rows up to TOEPLITZ_MAX_WIDTH (test_fast_depthwise_algorithm_must_fit)")
     torch.manual_seed(0)
     conv = nn.Conv2d(C, C, k, groups=C, padding="same").to(DEVICE)
     fast = fast_depthwise.FastDepthwiseConv2d(conv, algorithm)
@@ -565,8 +567,41 @@ def test_fast_depthwise_algorithm_must_fit(fast_depthwise):
     conv = nn.Conv2d(2, 2, 3, groups=2, padding="same")
     with pytest.raises(ValueError, match="algorithm"):
         fast_depthwise.FastDepthwiseConv2d(conv, "fft")(torch.randn(1, 2, 8, 8))
-    with pytest.raises(ValueError, match="widths up to 128"):
-        fast_depthwise.FastDepthwiseConv2d(conv, "toeplitz")(torch.randn(1, 2, 2, 130))
+    with pytest.raises(ValueError, match="widths up to 32"):
+        fast_depthwise.FastDepthwiseConv2d(conv, "toeplitz")(torch.randn(1, 2, 2, 33))
+    assert fast_depthwise._algorithm(32, "auto") == "toeplitz"       # CIFAR-10 at p = 1
+    assert fast_depthwise._algorithm(33, "auto") == "direct"
+
+
+def check_kernels(code="import check_kernels, sys; sys.exit(check_kernels.main())"):
+    """Run tools/check_kernels.py's checks in a fresh process without the Triton interpreter."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton has no CUDA toolchain (ptxas, cuobjdump) to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], cwd=HERE / "tools", env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_fast_depthwise_kernels_compile_for_an_h100_without_spilling():
+    # What the interpreter cannot show: compiled for sm_90, every launch of the tested shapes
+    # builds, keeps its registers, fits shared memory, and "toeplitz" uses tensor cores.
+    proc = check_kernels()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all kernels compile cleanly for sm_90" in proc.stdout
+    design_card = [line.split() for line in proc.stdout.splitlines() if "(the design card)" in line]
+    assert [row[0] for row in design_card] == ["depthwise_forward_toeplitz_kernel",
+                                               "depthwise_weight_grad_toeplitz_kernel"]
+    assert all(row[1] == "bf16" and int(row[3]) == 0 and int(row[6]) > 0 for row in design_card)
+
+
+def test_check_kernels_reports_spilled_registers():
+    # Forced beyond TOEPLITZ_MAX_WIDTH, the float32 "toeplitz" forward spills at W = 64.
+    proc = check_kernels("import sys, torch, check_kernels, fast_depthwise\n"
+                         "fast_depthwise.TOEPLITZ_MAX_WIDTH = 64\n"
+                         "sys.exit(check_kernels.main([('W=64', 8, 16, 64, 9, torch.float32, 'toeplitz')]))")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "<- spills" in proc.stdout and "1 kernel(s) with problems" in proc.stdout
 
 
 def test_fast_depthwise_refuses_other_convolutions(fast_depthwise):
