@@ -5,6 +5,7 @@ of the real CIFAR-10 when CIFAR10_ROOT (or ./data) holds it, else on torchvision
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -553,6 +554,25 @@ def test_fast_depthwise_in_a_convmixer_keeps_state_dict_and_results(fast_depthwi
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(DEVICE == "cpu" and not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_fast_depthwise_compiles_into_one_graph(fast_depthwise):
+    # --fast --compile: the custom ops must not break the graph (fullgraph=True fails on any
+    # break) and the compiled model must give the eager model's loss and gradients.
+    torch.manual_seed(0)
+    plain = randomize_(ConvMixer(8, 2, 5, 2, 10)).to(DEVICE).train()
+    fast = ConvMixer(8, 2, 5, 2, 10).to(DEVICE).train()
+    fast.load_state_dict(plain.state_dict())
+    compiled = torch.compile(fast_depthwise.use_fast_depthwise(fast), fullgraph=True)
+    x = torch.randn(4, 3, 12, 10, device=DEVICE)
+    loss_plain, loss_fast = plain(x).square().sum(), compiled(x).square().sum()
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-4, atol=1e-4)
+    loss_plain.backward()
+    loss_fast.backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_benchmark_depthwise_breakdown_times_both_kernels(fast_depthwise):
     import train_cifar
     args = train_cifar.parse_args(["--hdim", "2", "--ksize", "3", "--psize", "8", "--batch-size", "2",
@@ -667,6 +687,19 @@ def test_batch_augment_draws_each_images_own_parameters():
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
     distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
     assert len(distinct) > 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA run with the CPU run")
+def test_batch_augment_on_cuda_matches_the_cpu_for_the_same_parameters():
+    import gpu_augment
+    images = sample_images(512)
+    augment = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD, reprob=0.0)   # no noise boxes
+    params = augment.sample(len(images), torch.Generator().manual_seed(0), "cpu")
+    cpu = augment(images, None, params)
+    cuda = augment(images.cuda(), None, {k: v.cuda() for k, v in params.items()}).cpu()
+    step = 1 / 255 / min(CIFAR10_STD)                      # one grey level, normalized
+    diff = (cpu - cuda).abs()
+    assert (diff <= 1.01 * step).float().mean() > 0.999 and diff.mean() < 0.05 * step
 
 
 def test_batch_augment_samples_the_same_distribution_as_the_cpu_path():
