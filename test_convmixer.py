@@ -350,6 +350,23 @@ def test_same_seed_same_run_with_any_number_of_workers(reference_run, tmp_path):
     assert without_timings(read_log(tmp_path / "again")) == without_timings(read_log(reference_run[0]))
 
 
+def test_fast_batches_resume_mid_chunk_exactly(monkeypatch):
+    import gpu_augment
+    import train_cifar
+    monkeypatch.setattr(train_cifar, "AUGMENT_CHUNK_IMAGES", 24)      # 3 steps of 8 per chunk
+    images, labels = sample_images(80), torch.arange(80) % 10
+    plan = train_cifar.EpochPlan(80, 8, seed=1, epoch=2)
+    augment = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD)
+    whole = list(train_cifar.device_batches(plan, 0, images, labels, augment))
+    assert len(whole) == 10 and all(x.shape == (8, 3, 32, 32) for x, _ in whole)
+    assert [y.tolist() for _, y in whole] == [[plan.order[j] % 10 for j in range(8 * s, 8 * s + 8)]
+                                             for s in range(10)]
+    for first in (4, 6, 9):                                           # inside and at chunk starts
+        resumed = list(train_cifar.device_batches(plan, first, images, labels, augment))
+        assert len(resumed) == 10 - first
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, whole[first:]))
+
+
 @pytest.mark.parametrize("path", ["plain", "fast"])
 def test_interrupt_then_resume_equals_uninterrupted(path, reference_run, tmp_path):
     flags = [*TINY, "--workers", "0", "--fast" if path == "fast" else "--no-fast"]
