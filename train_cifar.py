@@ -376,7 +376,9 @@ def prepare_model(cfg, device):
     """The ConvMixer to train (its state_dict is what gets saved) and the module to call.
 
     With --fast on CUDA its depthwise convs run on Triton kernels (same Parameters, swapped in
-    place); with --compile the call goes through torch.compile. Otherwise both are the same."""
+    place); with --compile the training step calls it through torch.compile. Otherwise both are
+    the same. Evaluation uses the model itself: other batch sizes and eval mode would each
+    compile another graph, which costs more than it saves on 10,000 images."""
     model = build_model(model_config(cfg)).to(device)
     if cfg["fast"] and device.type == "cuda":
         from fast_depthwise import use_fast_depthwise
@@ -534,11 +536,11 @@ def train(args):
 
         record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
                   "train_acc": 100.0 * sums["correct"] / sums["seen"],
-                  "test_acc": evaluate(net, test_images, test_labels, device, amp),
+                  "test_acc": evaluate(model, test_images, test_labels, device, amp),
                   "lr": lr, "epoch_seconds": sums["seconds"],
                   "images_per_second": sums["seen"] / sums["seconds"]}
         if cfg["val"]:
-            record["val_acc"] = evaluate(net, val_images, val_labels, device, amp)
+            record["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
         write_log(log_path, record)
         epoch, first_step = epoch + 1, 0
         sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
@@ -552,14 +554,14 @@ def train(args):
         if stop.signum is not None:
             raise Interrupted(stop.signum, out, epoch, 0)
 
-    test_acc = evaluate(net, test_images, test_labels, device, amp)
-    tta_acc = evaluate(net, test_images, test_labels, device, amp, flip_tta=True)
+    test_acc = evaluate(model, test_images, test_labels, device, amp)
+    tta_acc = evaluate(model, test_images, test_labels, device, amp, flip_tta=True)
     wall = wall_before + time.time() - start_time
     save_atomic({"state_dict": model.state_dict(), "config": model_config(cfg)}, out / "model.pt")
     final = {"final": True, "test_acc": test_acc, "test_acc_flip_tta": tta_acc,
              "wall_seconds": wall, "device": device_name(device)}
     if cfg["val"]:
-        final["val_acc"] = evaluate(net, val_images, val_labels, device, amp)
+        final["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
     write_log(log_path, final)
     print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {cfg['epochs']} "
           f"epochs, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
