@@ -15,8 +15,9 @@
 #          in its call: it has to end inside the 600 s command limit. Stopped at 585 s, it saves
 #          last.pt (kept then, for --resume; deleted after a complete run).
 #
-# Budget (15 device minutes a session, 600 s a command): "tests bench" fits one call; "short"
-# and "main" need a call each, so one session does tests + bench, a later one the main job.
+# Budget (15 device minutes a session, 600 s a command): "tests bench" needs no CIFAR-10 (synthetic
+# images) and fits one call (its timeouts add up to 560 s); "short" and "main" need the data and
+# a call each, so one session does tests + bench, a later one the main job.
 # No GPU is needed to check that the kernels compile for an H100: python tools/check_kernels.py.
 #
 # CIFAR-10 on the device takes two calls (bash ../shared/cifar10/stage.sh here first):
@@ -35,11 +36,11 @@ for step in "$@"; do
     start=$(date +%s)
     case "$step" in
     tests)
-        timeout 300 python -m pytest -q -rs -k "(fast_depthwise or depthwise_breakdown or batch_augment or randaugment or resized_crop) and not h100" \
+        timeout 200 python -m pytest -q -rs -k "(fast_depthwise or depthwise_breakdown or batch_augment or randaugment or resized_crop) and not h100" \
             test_convmixer.py > "$OUT/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
-        for compile in "" "--compile"; do
-            timeout 240 python train_cifar.py --hdim 256 --depth 8 --ksize 9 --batch-size 512 --benchmark \
+        for compile in "" "--compile"; do     # at most 150 s eager, 210 s compiled
+            timeout $([ -z "$compile" ] && echo 150 || echo 210) python train_cifar.py --hdim 256 --depth 8 --ksize 9 --batch-size 512 --benchmark \
                 $compile --out "$OUT/bench${compile:+_compile}" >> "$OUT/bench.txt" 2>&1 || status=1
         done ;;
     short)
