@@ -494,10 +494,37 @@ def test_benchmark_measures_both_paths(tmp_path):
     assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "batch_size": 32,
                                "amp": False, "compile": False, "workers": 0}
     for key in ("plain_img_s", "fast_img_s", "plain_model_only_img_s", "fast_model_only_img_s",
-                "fast_augment_only_img_s"):
+                "plain_model_only_no_sync_img_s", "fast_model_only_no_sync_img_s", "fast_augment_only_img_s"):
         assert bench[key] > 0
     assert bench["speedup"] == pytest.approx(bench["fast_img_s"] / bench["plain_img_s"])
     assert "fast/plain" in result.stdout
+    for path in ("plain", "fast"):        # the profile: on a CPU, operators by their own time
+        profile = bench[f"{path}_profile"]
+        assert profile["steps"] == 2 and profile["busy_ms_per_step"] > 0
+        times = [row["ms_per_step"] for row in profile["top"]]
+        assert times == sorted(times, reverse=True) and sum(times) <= profile["busy_ms_per_step"] + 1e-6
+        assert any("convolution" in row["name"] for row in profile["top"])
+        assert f"{path} path, profile of 2 steps" in result.stdout
+
+
+def test_benchmark_saves_each_path_as_soon_as_it_is_measured(tmp_path, monkeypatch):
+    import train_cifar
+    args = train_cifar.parse_args(["--hdim", "8", "--depth", "1", "--ksize", "3", "--psize", "8",
+                                   "--batch-size", "16", "--device", "cpu", "--workers", "0",
+                                   "--benchmark", "--bench-steps", "1", "--out", str(tmp_path / "b")])
+    prepare_model = train_cifar.prepare_model
+
+    def cut_short_after_the_fast_path(cfg, device):      # as a time limit would
+        if not cfg["fast"]:
+            raise KeyboardInterrupt
+        return prepare_model(cfg, device)
+
+    monkeypatch.setattr(train_cifar, "prepare_model", cut_short_after_the_fast_path)
+    with pytest.raises(KeyboardInterrupt):
+        train_cifar.benchmark(args)
+    bench = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert bench["fast_img_s"] > 0 and bench["fast_profile"]["steps"] == 1
+    assert "plain_img_s" not in bench and not list((tmp_path / "b").glob("*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -306,9 +306,9 @@ RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", 
                "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, write=torch.save):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -407,24 +407,26 @@ def training_data(cfg, images, labels, device):
     return {"dataset": AugmentedImages(images, labels, train_transform(recipe))}
 
 
-def train_step(net, optimizer, criterion, images, targets, lr, amp, clip):
+def train_step(net, optimizer, criterion, images, targets, lr, amp, clip, check=True):
     """One AdamW step. Returns (loss, number of images whose top class matches the target's
-    largest share), or None, with the weights untouched, if the loss is not finite."""
+    largest share), or None, with the weights untouched, if the loss is not finite.
+    check=False (the benchmark's measure of what the check costs) skips it and returns None."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
         logits = net(images)
     loss = criterion(logits.float(), targets)
-    correct = (logits.argmax(1) == targets.argmax(1)).sum()
-    loss_value, correct = torch.stack([loss.detach(), correct.float()]).tolist()   # one host sync
-    if not math.isfinite(loss_value):
-        return None
+    if check:
+        correct = (logits.argmax(1) == targets.argmax(1)).sum()
+        loss_value, correct = torch.stack([loss.detach(), correct.float()]).tolist()   # host sync
+        if not math.isfinite(loss_value):
+            return None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip > 0:
         nn.utils.clip_grad_norm_(net.parameters(), clip)
     optimizer.step()
-    return loss_value, correct
+    return (loss_value, correct) if check else None
 
 
 def train(args):
@@ -602,13 +604,41 @@ def depthwise_breakdown(args, device, amp, repeats=20):
     return timings
 
 
+def profile_steps(run_steps, step_range, device, label, top=12):
+    """Where the time of a step goes, from torch.profiler over step_range: the `top` CUDA kernels
+    (on a CPU: operators) by their own time, and the sum over all of them, in ms per step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        run_steps(step_range)
+        synchronize(device)
+    wall, n = time.perf_counter() - t, len(step_range)
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    rows = sorted(((e.key, (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total)
+                    / 1000 / n) for e in prof.key_averages() if e.device_type == kind),
+                  key=lambda row: -row[1])
+    busy = sum(ms for _, ms in rows)
+    print(f"{label} path, profile of {n} steps: {busy:.2f} ms busy of {1000 * wall / n:.2f} ms per step "
+          f"(profiler on); top {'kernels' if device.type == 'cuda' else 'operators'}:")
+    for name, ms in rows[:top]:
+        print(f"    {ms:8.3f} ms  {100 * ms / max(busy, 1e-9):5.1f}%  {name[:100]}")
+    return {"steps": n, "wall_ms_per_step": 1000 * wall / n, "busy_ms_per_step": busy,
+            "top": [{"name": name[:200], "ms_per_step": ms} for name, ms in rows[:top]]}
+
+
 def benchmark(args):
     """Training throughput of the plain and the fast path for one config, on synthetic data."""
     device = torch.device(args.device)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}_benchmark")
     warmup = 10 if args.compile else 3
-    steps = warmup + args.bench_steps
     b = args.batch_size
+    # The profile covers as many steps as --fast augments at a time (16 at batch 512), so that
+    # it sees one augmentation call; at most --bench-steps.
+    profiled = min(args.bench_steps, max(1, AUGMENT_CHUNK_IMAGES // b))
+    steps = warmup + args.bench_steps + profiled
     amp = args.amp and device.type == "cuda"
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randint(0, 256, (steps * b, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -620,7 +650,7 @@ def benchmark(args):
         run_steps(range(warmup))
         synchronize(device)
         t = time.perf_counter()
-        run_steps(range(warmup, steps))
+        run_steps(range(warmup, warmup + args.bench_steps))
         synchronize(device)
         return args.bench_steps * b / (time.perf_counter() - t)
 
@@ -628,7 +658,13 @@ def benchmark(args):
               "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize,
                          "psize": args.psize, "batch_size": b, "amp": amp, "compile": args.compile,
                          "workers": args.workers}}
-    for path in ("plain", "fast"):
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():      # after each path: a run cut short by a time limit keeps what it measured
+        save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json",
+                    write=lambda text, path: path.write_text(text))
+
+    for path in ("fast", "plain"):       # fast first: the number a cut-short run must not lose
         cfg = {k: getattr(args, k) for k in RECIPE_KEYS} | {"fast": path == "fast", "n_train": steps * b}
         model, net = prepare_model(cfg, device)
         optimizer = make_optimizer(model, args)
@@ -645,12 +681,15 @@ def benchmark(args):
 
         fixed_x, fixed_y = mix(*next(iter(epoch_batches(cfg, plan, 0, data, 0, device))))
 
-        def model_steps(step_range):                   # the same batch again and again
+        def model_steps(step_range, check=True):       # the same batch again and again
             for _ in step_range:
-                train_step(net, optimizer, criterion, fixed_x, fixed_y, args.lr, amp, args.clip)
+                train_step(net, optimizer, criterion, fixed_x, fixed_y, args.lr, amp, args.clip, check)
 
         result[f"{path}_img_s"] = images_per_second(whole_steps)
+        result[f"{path}_profile"] = profile_steps(whole_steps, range(steps - profiled, steps), device, path)
         result[f"{path}_model_only_img_s"] = images_per_second(model_steps)
+        # Without the loss check's host sync the CPU can queue the next step while the GPU works.
+        result[f"{path}_model_only_no_sync_img_s"] = images_per_second(lambda r: model_steps(r, False))
         if path == "fast":                              # its data path alone, as training runs it
             def augment_epoch():
                 for _ in device_batches(plan, 0, data["images"], data["labels"], data["augment"]):
@@ -663,14 +702,15 @@ def benchmark(args):
             synchronize(device)
             result["fast_augment_only_img_s"] = plan.steps * b / (time.perf_counter() - t)
         print(f"{path:5s}: {result[f'{path}_img_s']:9,.0f} img/s whole step, "
-              f"{result[f'{path}_model_only_img_s']:9,.0f} img/s model only", flush=True)
+              f"{result[f'{path}_model_only_img_s']:9,.0f} img/s model only "
+              f"({result[f'{path}_model_only_no_sync_img_s']:,.0f} without the host sync)", flush=True)
+        save()
     result["speedup"] = result["fast_img_s"] / result["plain_img_s"]
     print(f"fast/plain: {result['speedup']:.2f}x; augmentation alone (fast path): "
           f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}")
     if device.type == "cuda":
         result["depthwise_ms"] = depthwise_breakdown(args, device, amp)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(f"wrote {out / 'benchmark.json'}")
     return result
 

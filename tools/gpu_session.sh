@@ -6,8 +6,9 @@
 #   tests  the fast path's tests on the GPU: Triton kernels vs nn.Conv2d (float32 and bfloat16,
 #          batch up to 512), under torch.compile, and the batch augmentation vs torchvision
 #   bench  train_cifar.py --benchmark at the design-card config (ConvMixer-256/8 k9 p1, batch 512),
-#          eager and with --compile: plain vs fast whole step, model only, augmentation only,
-#          one depthwise layer per algorithm ($OUT/bench*/benchmark.json, console in bench.txt)
+#          eager and with --compile: plain vs fast whole step, model only (with and without the
+#          per-step host sync), augmentation only, the top kernels of a profiled step, one
+#          depthwise layer per algorithm ($OUT/bench*/benchmark.json, console in bench.txt)
 #   short  a real CIFAR-10 run for the trainer issue: ConvMixer-256/8 k5 p2, 25 epochs, batch 512
 #          (the official CIFAR-10 script's setting), --fast; needs ./data (see below)
 #   main   the main job, python train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
