@@ -318,8 +318,8 @@ def test_training_run_writes_its_log_and_model(reference_run):
     epochs = [r for r in log if "train_loss" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     for r in epochs:
-        assert set(r) >= {"epoch", "train_loss", "train_acc", "test_acc", "lr", "epoch_seconds",
-                          "images_per_second"}
+        assert set(r) >= {"epoch", "train_loss", "train_acc", "lr", "epoch_seconds", "images_per_second"}
+    assert ["test_acc" in r for r in epochs] == [False, False, True]  # --eval-every 10: the last only
     final = log[-1]
     assert final["final"] and set(final) >= {"test_acc", "test_acc_flip_tta", "wall_seconds", "device"}
     assert final["test_acc"] == epochs[-1]["test_acc"]               # the last epoch's, not the best
@@ -396,12 +396,31 @@ def test_interrupt_then_resume_equals_uninterrupted(path, reference_run, tmp_pat
 
 
 def test_val_holds_out_the_last_training_images_and_reports_them(tmp_path):
-    run_script("--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "1", "--batch-size", "100",
-               "--fake-data", "1000", "--val", "300", "--device", "cpu", "--workers", "0",
-               "--out", tmp_path / "o")
+    result = run_script("--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "3",
+                        "--batch-size", "100", "--fake-data", "1000", "--val", "300", "--eval-every", "2",
+                        "--device", "cpu", "--workers", "0", "--out", tmp_path / "o")
     log = read_log(tmp_path / "o")
     assert log[0]["config"]["n_train"] == 700
-    assert "val_acc" in log[1] and "val_acc" in log[-1] and log[-1]["final"]
+    epochs = [r for r in log if "train_loss" in r]
+    assert [("test_acc" in r, "val_acc" in r) for r in epochs] == [(False, False), (True, True), (True, True)]
+    assert "val_acc" in log[-1] and log[-1]["final"]
+    assert f"test {epochs[1]['test_acc']:5.2f}%  val {epochs[1]['val_acc']:5.2f}%" in result.stdout
+
+
+def test_resume_between_the_last_epoch_and_the_final_evaluation_finishes_the_run(reference_run, tmp_path):
+    out = tmp_path / "stopped"
+    shutil.copytree(reference_run[0], out)
+    finished = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    log = read_log(out)
+    (out / "model.pt").unlink()                                   # a kill after the last last.pt
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:-1]))
+    result = run_script("--resume", "--out", out, "--workers", "0", *DATA)
+    assert "all 3 epochs are done" in result.stdout
+    assert without_timings(read_log(out)) == without_timings(log)
+    again = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(again[k], finished[k]) for k in finished)
+    result = run_script("--resume", "--out", out, "--workers", "0", *DATA, check=False)
+    assert result.returncode == 1 and "has already finished all its epochs" in result.stderr
 
 
 def test_sigterm_also_saves_and_says_how_to_resume(tmp_path):
@@ -446,7 +465,8 @@ def test_missing_data_without_network_says_where_the_files_go(tmp_path, monkeypa
     (["--subset", "0"], "--subset"), (["--subset", "60000"], "--subset"),
     (["--val", "50000"], "--val"), (["--subset", "49000", "--val", "2000"], "--subset"),
     (["--subset", "100", "--batch-size", "128"], "--batch-size"),
-    (["--workers", "-1"], "--workers"), (["--device", "nonsense"], "--device"),
+    (["--workers", "-1"], "--workers"), (["--eval-every", "-1"], "--eval-every"),
+    (["--device", "nonsense"], "--device"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     (["--resume"], "--resume"),
 ])

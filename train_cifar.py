@@ -88,6 +88,9 @@ def parse_args(argv=None):
     run.add_argument("--subset", type=int, metavar="N", help="train on the first N training images")
     run.add_argument("--val", type=int, metavar="N", default=0,
                      help="hold out the last N training images and report accuracy on them")
+    run.add_argument("--eval-every", type=int, metavar="N", default=10,
+                     help="evaluate on the test set (and --val) every N epochs and after the last "
+                          "(0: only after the last); evaluation does not change training")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last.pt (its recipe is reused)")
     run.add_argument("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
@@ -109,7 +112,7 @@ def parse_args(argv=None):
     for name in ("lr", "eps"):
         if not getattr(args, name) > 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("wd", "clip", "mixup", "cutmix", "workers", "val", "fake_data"):
+    for name in ("wd", "clip", "mixup", "cutmix", "workers", "val", "fake_data", "eval_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("reprob", "label_smoothing"):
@@ -438,12 +441,19 @@ def train(args):
     if args.resume:
         if not (out / "last.pt").exists():
             raise Fail(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
+        if not (out / "log.jsonl").exists():
+            raise Fail(f"--resume: {out / 'log.jsonl'} does not exist; is {out} a run of train_cifar.py?")
         state = read_checkpoint(out / "last.pt", "--resume")
-        if state["epoch"] >= state["recipe"]["epochs"]:
-            raise Fail(f"--resume: the run in {out} has already finished all its epochs")
         cfg = state["recipe"]
-        print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
-              f"(the recipe is taken from last.pt)")
+        log_records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+                       if line.strip()]
+        if state["epoch"] < cfg["epochs"]:
+            print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
+                  f"(the recipe is taken from last.pt)")
+        elif any(r.get("final") for r in log_records):
+            raise Fail(f"--resume: the run in {out} has already finished all its epochs")
+        else:       # stopped between the last epoch and the final evaluation: do that now
+            print(f"resuming {out}: all {cfg['epochs']} epochs are done; final evaluation and model.pt")
     else:
         cfg = {k: getattr(args, k) for k in RECIPE_KEYS}
     amp = cfg["amp"] and device.type == "cuda"
@@ -484,8 +494,8 @@ def train(args):
                   "argv": sys.argv}, mode="w")
     else:
         # Drop epoch lines written after last.pt (a kill between the two writes), then say so.
-        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        keep = [r for r in lines if not r.get("final") and not ("train_loss" in r and r["epoch"] > epoch)]
+        keep = [r for r in log_records if not r.get("final")
+                and not ("train_loss" in r and r["epoch"] > epoch)]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         write_log(log_path, {"resumed": True, "epoch": epoch + 1, "step": first_step,
                              "device": device_name(device), "torch": torch.__version__})
@@ -538,22 +548,25 @@ def train(args):
 
         record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
                   "train_acc": 100.0 * sums["correct"] / sums["seen"],
-                  "test_acc": evaluate(model, test_images, test_labels, device, amp),
                   "lr": lr, "epoch_seconds": sums["seconds"],
                   "images_per_second": sums["seen"] / sums["seconds"]}
-        if cfg["val"]:
-            record["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
+        # Test (and --val) accuracy now and then, for the curve; the result is the final epoch's.
+        if epoch + 1 == cfg["epochs"] or args.eval_every and (epoch + 1) % args.eval_every == 0:
+            record["test_acc"] = evaluate(model, test_images, test_labels, device, amp)
+            if cfg["val"]:
+                record["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
         write_log(log_path, record)
         epoch, first_step = epoch + 1, 0
         sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         save_last(epoch, 0, sums)
         eta = (time.time() - start_time) / (epoch - start_epoch) * (cfg["epochs"] - epoch)
         print(f"epoch {epoch:3d}/{cfg['epochs']}  loss {record['train_loss']:.4f}  "
-              f"train {record['train_acc']:5.2f}%  test {record['test_acc']:5.2f}%  "
-              + (f"val {record['val_acc']:5.2f}%  " if cfg["val"] else "")
+              f"train {record['train_acc']:5.2f}%  "
+              + "".join(f"{name} {record[f'{name}_acc']:5.2f}%  " for name in ("test", "val")
+                        if f"{name}_acc" in record)
               + f"lr {lr:.5f}  {record['epoch_seconds']:.1f} s  "
               f"{record['images_per_second']:,.0f} img/s  ETA {format_seconds(eta)}", flush=True)
-        if stop.signum is not None:
+        if stop.signum is not None and epoch < cfg["epochs"]:   # after the last: finish, seconds
             raise Interrupted(stop.signum, out, epoch, 0)
 
     test_acc = evaluate(model, test_images, test_labels, device, amp)
