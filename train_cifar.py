@@ -502,7 +502,7 @@ def train(args):
 
     print(f"ConvMixer-{cfg['hdim']}/{cfg['depth']} k{cfg['ksize']} p{cfg['psize']}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg['n_train']:,} training "
-          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epochs on {device_name(device)}"
+          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)} on {device_name(device)}"
           f"{' (fast path)' if cfg['fast'] else ''}; writing to {out}")
     stop = StopRequested()
     live = sys.stdout.isatty()
@@ -579,7 +579,7 @@ def train(args):
         final["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
     write_log(log_path, final)
     print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {cfg['epochs']} "
-          f"epochs, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
+          f"epoch{'s' * (cfg['epochs'] != 1)}, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
     return final
 
 
@@ -720,7 +720,9 @@ def benchmark(args):
         save()
     result["speedup"] = result["fast_img_s"] / result["plain_img_s"]
     print(f"fast/plain: {result['speedup']:.2f}x; augmentation alone (fast path): "
-          f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}")
+          f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}; an epoch of "
+          f"CIFAR-10's {N_TRAIN_IMAGES:,} images: plain {N_TRAIN_IMAGES / result['plain_img_s']:.1f} s, "
+          f"fast {N_TRAIN_IMAGES / result['fast_img_s']:.1f} s (training only)")
     if device.type == "cuda":
         result["depthwise_ms"] = depthwise_breakdown(args, device, amp)
     save()

@@ -12,9 +12,10 @@
 #   short  a real CIFAR-10 run for the trainer issue: ConvMixer-256/8 k5 p2, 25 epochs, batch 512
 #          (the official CIFAR-10 script's setting), --fast; needs ./data (see below)
 #   main   the main job, python train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
-#          $OUT/cifar10_convmixer_256_8_k9_p1 (console in main_console.txt); needs ./data. Alone
-#          in its call: it has to end inside the 600 s command limit. Stopped at 585 s, it saves
-#          last.pt (kept then, for --resume; deleted after a complete run).
+#          $OUT/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in main_console.txt); needs
+#          ./data. Alone in its call: it has to end inside the 600 s command limit. Stopped at
+#          585 s, it saves last.pt (kept then, for --resume; deleted after a complete run).
+#          A recipe trial for the default: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
 #
 # Budget (15 device minutes a session, 600 s a command): "tests bench" needs no CIFAR-10 (synthetic
 # images) and fits one call (its timeouts add up to 560 s); "short" and "main" need the data and
@@ -51,8 +52,8 @@ for step in "$@"; do
     main)
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags
         timeout --signal=TERM 585 python train_cifar.py --hdim 256 --depth 8 --ksize 9 ${MAIN_FLAGS:-} \
-            --data data --out "$OUT/cifar10_convmixer_256_8_k9_p1" 2>&1 | tee "$OUT/main_console.txt" \
-            && rm -f "$OUT/cifar10_convmixer_256_8_k9_p1/last.pt" || status=1 ;;
+            --data data --out "$OUT/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}" 2>&1 | tee "$OUT/main_console.txt" \
+            && rm -f "$OUT/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}/last.pt" || status=1 ;;
     *)
         echo "unknown step $step (tests, bench, short, main)"; exit 2 ;;
     esac
