@@ -9,16 +9,20 @@ pixels of the same channel, each times one weight:
     input grad  dx          = the same convolution of dy with the flipped kernel
     weight grad dw[c,u,v]   = sum_{b,i,j} dy[b,c,i,j] * x[b,c, i+u-pad, j+v-pad]
 
-Each Triton program handles one (image, channel) plane, in one of two ways:
+Two algorithms:
 
-- "direct": the formula above, k*k shifted loads of the plane (from cache), multiply, add.
+- "direct": each program takes one (image, channel) plane (or a tile of it) and applies the
+  formula above, k*k shifted loads of the plane (from cache), multiply, add.
 - "toeplitz": for each kernel row u, the sum over v along a row is a product with a W x W
   banded (Toeplitz) matrix T_u[j', j] = w[u, j'-j+pad], so a plane is
   y = sum_u shift_u(x) @ T_u: k small matrix products that run on tensor cores. The matrices
-  depend only on the channel, so each call builds them once (toeplitz_matrices) and every plane
-  just loads them. The weight gradient is the transposed product shift_u(x)^T @ dy, whose
-  diagonals are dw[u, :]. Used for 9 <= W <= 32 (whole rows in one tile; wider tiles spilled
-  registers when compiled), e.g. CIFAR-10 at p = 1 (32 x 32) or ImageNet at p = 7 and 14.
+  depend only on the channel, so each call builds them once (toeplitz_matrices). A program takes
+  the planes of one channel in several images, stacked row after row into one tall tile, so that
+  each product covers them all and each T_u is loaded once for the stack. The weight gradient is
+  the transposed product shift_u(x)^T @ dy, summed over the stack by the product itself, whose
+  diagonals are dw[u, :]; dy is loaded once for all k kernel rows. Used for 9 <= W <= 32 (whole
+  rows in one tile; wider tiles spilled registers when compiled), e.g. CIFAR-10 at p = 1
+  (32 x 32) or ImageNet at p = 7 and 14.
 
 `use_fast_depthwise(model)` swaps every depthwise nn.Conv2d of a ConvMixer for
 FastDepthwiseConv2d, which keeps the same Parameter objects, so `state_dict()` and the optimizer
@@ -51,6 +55,16 @@ def _blocks(height, width, algorithm):
 # Wider rows make bigger tiles: compiled for an H100, the float32 kernels spill registers at
 # W = 64 and the bfloat16 ones at W = 128 (tools/check_kernels.py); "direct" takes those.
 TOEPLITZ_MAX_WIDTH = 32
+# "toeplitz" stacks the planes of several images (same channel) into one tile of this many rows
+# for 16-bit inputs, so that T_u is loaded once per stack and the weight gradient loads dy once.
+# Compiled for an H100: 256 rows take 236 registers a thread in the weight gradient, 128 take 146.
+# float32 products do not run on tensor cores, and spill registers with more than 32 rows.
+TOEPLITZ_ROWS = 128
+
+
+def _images_per_program(batch, block_h, dtype):
+    rows = TOEPLITZ_ROWS if dtype != torch.float32 else block_h
+    return min(triton.next_power_of_2(batch), max(1, rows // block_h))
 
 
 def _algorithm(width, requested):
@@ -87,27 +101,31 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, PAD_T, PAD_L,
 
 
 @triton.jit
-def _depthwise_forward_toeplitz_kernel(x_ptr, t_ptr, b_ptr, y_ptr, C, H, W, PAD_T,
+def _depthwise_forward_toeplitz_kernel(x_ptr, t_ptr, b_ptr, y_ptr, B, C, H, W, PAD_T,
                                        K: tl.constexpr, HAS_BIAS: tl.constexpr,
                                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                                       PRECISION: tl.constexpr):
-    plane = tl.program_id(0)                                   # b * C + c
-    c = plane % C
-    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]   # output rows i
+                                       IMAGES: tl.constexpr, PRECISION: tl.constexpr):
+    c = tl.program_id(0)
+    # IMAGES planes of channel c, stacked: row s of the tile is row s % BLOCK_H of image s // BLOCK_H,
+    # so that one matrix product per kernel row covers them all and T_u is loaded once for them.
+    stack = tl.arange(0, IMAGES * BLOCK_H)[:, None]
+    b = tl.program_id(1) * IMAGES + stack // BLOCK_H                     # (IMAGES * BLOCK_H, 1)
+    rows = tl.program_id(2) * BLOCK_H + stack % BLOCK_H                  # output rows i
     cols = tl.arange(0, BLOCK_W)[None, :]                                # columns j: whole rows
     src = tl.arange(0, BLOCK_W)[:, None]                                 # input columns j'
-    x_plane = x_ptr + plane.to(tl.int64) * H * W
+    planes = (b * C + c).to(tl.int64) * H * W
     t_channel = t_ptr + c * K * BLOCK_W * BLOCK_W                        # (K, BLOCK_W, BLOCK_W)
-    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    acc = tl.zeros((IMAGES * BLOCK_H, BLOCK_W), dtype=tl.float32)
     for u in tl.static_range(K):
         r = rows + u - PAD_T
-        x = tl.load(x_plane + r * W + cols, mask=(r >= 0) & (r < H) & (cols < W), other=0.0)
+        x = tl.load(x_ptr + planes + r * W + cols, mask=(b < B) & (r >= 0) & (r < H) & (cols < W),
+                    other=0.0)
         t = tl.load(t_channel + (u * BLOCK_W + src) * BLOCK_W + cols)   # T_u, zero-padded
         acc = tl.dot(x, t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
-    y_plane = y_ptr + plane.to(tl.int64) * H * W
-    tl.store(y_plane + rows * W + cols, acc.to(y_ptr.dtype.element_ty), mask=(rows < H) & (cols < W))
+    tl.store(y_ptr + planes + rows * W + cols, acc.to(y_ptr.dtype.element_ty),
+             mask=(b < B) & (rows < H) & (cols < W))
 
 
 @triton.jit
@@ -140,27 +158,26 @@ def _depthwise_weight_grad_kernel(x_ptr, dy_ptr, partial_ptr, B, C, H, W, PAD_T,
 
 @triton.jit
 def _depthwise_weight_grad_toeplitz_kernel(x_ptr, dy_ptr, partial_ptr, B, C, H, W, PAD_T, PAD_L,
-                                           B_CHUNK, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                                           BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+                                           K: tl.constexpr, BLOCK_H: tl.constexpr,
+                                           BLOCK_W: tl.constexpr, IMAGES: tl.constexpr,
+                                           PRECISION: tl.constexpr):
     c = tl.program_id(0)
-    chunk = tl.program_id(1)                                   # which B_CHUNK images
+    chunk = tl.program_id(1)                                   # which IMAGES images
     tile = tl.program_id(2)                                    # which BLOCK_H rows
-    rows = tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    stack = tl.arange(0, IMAGES * BLOCK_H)[:, None]            # stacked planes, as in the forward
+    b = chunk * IMAGES + stack // BLOCK_H
+    rows = tile * BLOCK_H + stack % BLOCK_H
     cols = tl.arange(0, BLOCK_W)[None, :]
     src = tl.arange(0, BLOCK_W)[:, None]
-    inside = (rows < H) & (cols < W)
-    first = chunk * B_CHUNK
-    last = tl.minimum(first + B_CHUNK, B)
+    planes = (b * C + c).to(tl.int64) * H * W
+    dy = tl.load(dy_ptr + planes + rows * W + cols, mask=(b < B) & (rows < H) & (cols < W), other=0.0)
     out = partial_ptr + ((chunk * tl.num_programs(2) + tile) * C + c).to(tl.int64) * K * K
-    for u in tl.static_range(K):
+    for u in tl.static_range(K):                               # dy stays loaded for every kernel row
         r = rows + u - PAD_T
-        ok = (r >= 0) & (r < H) & (cols < W)
-        m = tl.zeros((BLOCK_W, BLOCK_W), dtype=tl.float32)     # m[j', j] = sum_i x[i+u-pad, j'] dy[i, j]
-        for b in range(first, last):
-            offset = (b * C + c).to(tl.int64) * H * W
-            dy = tl.load(dy_ptr + offset + rows * W + cols, mask=inside, other=0.0)
-            x = tl.load(x_ptr + offset + r * W + cols, mask=ok, other=0.0)
-            m = tl.dot(tl.trans(x), dy.to(x.dtype), m, input_precision=PRECISION)
+        x = tl.load(x_ptr + planes + r * W + cols, mask=(b < B) & (r >= 0) & (r < H) & (cols < W),
+                    other=0.0)
+        # m[j', j] = sum over the stacked images and rows i of x[i+u-pad, j'] dy[i, j]: one product.
+        m = tl.dot(tl.trans(x), dy.to(x.dtype), input_precision=PRECISION)
         # dw[u, v] is the sum of m's diagonal j' - j = v - pad: gather it into row v, then add up.
         diagonal = cols + src - PAD_L                          # [v, j] -> j' = j + v - pad
         on = (src < K) & (diagonal >= 0) & (diagonal < BLOCK_W)
@@ -199,13 +216,15 @@ def forward_launch(x, weight, bias, y, pad_top, pad_left, algorithm):
     K = weight.shape[-1]
     algorithm = _algorithm(W, algorithm)
     block_h, block_w = _blocks(H, W, algorithm)
-    grid = (B * C, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
     bias_or_any = bias if bias is not None else weight          # not read when HAS_BIAS is False
     meta = dict(K=K, HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w)
     if algorithm == "toeplitz":
+        images = _images_per_program(B, block_h, x.dtype)
+        grid = (C, triton.cdiv(B, images), triton.cdiv(H, block_h))
         t = toeplitz_matrices(weight, pad_left, block_w, x.dtype)
-        return (_depthwise_forward_toeplitz_kernel, grid, (x, t, bias_or_any, y, C, H, W, pad_top),
-                meta | dict(PRECISION=_precision(x.dtype)))
+        return (_depthwise_forward_toeplitz_kernel, grid, (x, t, bias_or_any, y, B, C, H, W, pad_top),
+                meta | dict(IMAGES=images, PRECISION=_precision(x.dtype)))
+    grid = (B * C, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
     return (_depthwise_forward_kernel, grid, (x, weight, bias_or_any, y, C, H, W, pad_top, pad_left),
             meta)
 
@@ -216,18 +235,26 @@ def weight_grad_launch(x, grad_y, partial, kernel_size, pad_top, pad_left, algor
     B, C, H, W = x.shape
     algorithm = _algorithm(W, algorithm)
     block_h, block_w = _blocks(H, W, algorithm)
-    grid = (C, triton.cdiv(B, batch_chunk), triton.cdiv(H, block_h) * triton.cdiv(W, block_w))
-    args = (x, grad_y, partial, B, C, H, W, pad_top, pad_left, batch_chunk)
     meta = dict(K=kernel_size, BLOCK_H=block_h, BLOCK_W=block_w)
     if algorithm == "toeplitz":
-        return _depthwise_weight_grad_toeplitz_kernel, grid, args, meta | dict(PRECISION=_precision(x.dtype))
-    return _depthwise_weight_grad_kernel, grid, args, meta
+        images = _images_per_program(B, block_h, x.dtype)
+        grid = (C, triton.cdiv(B, images), triton.cdiv(H, block_h))
+        return (_depthwise_weight_grad_toeplitz_kernel, grid,
+                (x, grad_y, partial, B, C, H, W, pad_top, pad_left),
+                meta | dict(IMAGES=images, PRECISION=_precision(x.dtype)))
+    grid = (C, triton.cdiv(B, batch_chunk), triton.cdiv(H, block_h) * triton.cdiv(W, block_w))
+    return (_depthwise_weight_grad_kernel, grid,
+            (x, grad_y, partial, B, C, H, W, pad_top, pad_left, batch_chunk), meta)
 
 
-def partial_rows(shape, algorithm, batch_chunk):
-    """How many partial sums of the weight gradient each channel gets: one per program."""
+def partial_rows(shape, dtype, algorithm, batch_chunk):
+    """How many partial sums of the weight gradient each channel gets: one per program.
+    ("direct" takes batch_chunk images a program, "toeplitz" a stack of _images_per_program.)"""
     B, C, H, W = shape
-    block_h, block_w = _blocks(H, W, _algorithm(W, algorithm))
+    algorithm = _algorithm(W, algorithm)
+    block_h, block_w = _blocks(H, W, algorithm)
+    if algorithm == "toeplitz":
+        batch_chunk = _images_per_program(B, block_h, dtype)
     return triton.cdiv(B, batch_chunk) * triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
 
 
@@ -256,7 +283,7 @@ def depthwise_conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, kernel_siz
     """d(loss)/d(weight), float32 (C, 1, k, k): per-program partial sums, then one small sum."""
     x, grad_y = x.contiguous(), grad_y.contiguous()
     C = x.shape[1]
-    partial = torch.empty(partial_rows(x.shape, algorithm, batch_chunk), C,
+    partial = torch.empty(partial_rows(x.shape, x.dtype, algorithm, batch_chunk), C,
                           kernel_size * kernel_size, device=x.device, dtype=torch.float32)
     kernel, grid, args, meta = weight_grad_launch(x, grad_y, partial, kernel_size, pad_top,
                                                   pad_left, algorithm, batch_chunk)
