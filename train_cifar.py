@@ -502,7 +502,8 @@ def train(args):
 
     print(f"ConvMixer-{cfg['hdim']}/{cfg['depth']} k{cfg['ksize']} p{cfg['psize']}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg['n_train']:,} training "
-          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)} on {device_name(device)}"
+          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)} "
+          f"on {device_name(device)}"
           f"{' (fast path)' if cfg['fast'] else ''}; writing to {out}")
     stop = StopRequested()
     live = sys.stdout.isatty()
