@@ -641,10 +641,13 @@ def test_benchmark_depthwise_breakdown_times_both_kernels(fast_depthwise):
     import train_cifar
     args = train_cifar.parse_args(["--hdim", "2", "--ksize", "3", "--psize", "8", "--batch-size", "2",
                                    "--device", DEVICE])
+    default_rows = fast_depthwise.TOEPLITZ_ROWS
     timings = train_cifar.depthwise_breakdown(args, torch.device(DEVICE), amp=False, repeats=1)
-    assert set(timings) == {f"{k}_{p}" for k in ("native", "triton_direct", "triton_toeplitz")
+    toeplitz = [f"triton_toeplitz_{rows}rows" for rows in (32, default_rows, 256)]
+    assert set(timings) == {f"{k}_{p}" for k in ("native", "triton_direct", *toeplitz)
                             for p in ("forward", "forward_backward")}
     assert all(v > 0 for v in timings.values())
+    assert fast_depthwise.TOEPLITZ_ROWS == default_rows               # the default is back
 
 
 def test_fast_depthwise_algorithm_must_fit(fast_depthwise):

@@ -590,30 +590,42 @@ def synchronize(device):
 
 
 def depthwise_breakdown(args, device, amp, repeats=20):
-    """Milliseconds for one depthwise layer of this config, nn.Conv2d vs each Triton algorithm:
+    """Milliseconds for one depthwise layer of this config, nn.Conv2d vs each Triton algorithm
+    ("toeplitz" with stacks of 32 rows, the default fast_depthwise.TOEPLITZ_ROWS, and 256):
     forward, and forward + backward (input and weight gradients)."""
-    from fast_depthwise import TOEPLITZ_MAX_WIDTH, FastDepthwiseConv2d
+    import fast_depthwise
     side = 32 // args.psize
     conv = nn.Conv2d(args.hdim, args.hdim, args.ksize, groups=args.hdim, padding="same").to(device)
     x = torch.randn(args.batch_size, args.hdim, side, side, device=device, requires_grad=True)
     timings = {}
-    layers = [("native", conv), ("triton_direct", FastDepthwiseConv2d(conv, "direct"))]
-    if side <= TOEPLITZ_MAX_WIDTH:
-        layers.append(("triton_toeplitz", FastDepthwiseConv2d(conv, "toeplitz")))
-    for name, layer in layers:
-        for part in ("forward", "forward_backward"):
-            def run():
-                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                    y = layer(x)
-                if part == "forward_backward":
-                    y.backward(torch.ones_like(y))
+    default_rows = fast_depthwise.TOEPLITZ_ROWS
+    layers = [("native", conv, default_rows),
+              ("triton_direct", fast_depthwise.FastDepthwiseConv2d(conv, "direct"), default_rows)]
+    if side <= fast_depthwise.TOEPLITZ_MAX_WIDTH:
+        layers += [(f"triton_toeplitz_{rows}rows", fast_depthwise.FastDepthwiseConv2d(conv, "toeplitz"), rows)
+                   for rows in sorted({32, default_rows, 256})]
+
+    def milliseconds(layer, part):
+        def run():
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                y = layer(x)
+            if part == "forward_backward":
+                y.backward(torch.ones_like(y))
+        run()
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(repeats):
             run()
-            synchronize(device)
-            t = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            synchronize(device)
-            timings[f"{name}_{part}"] = 1000 * (time.perf_counter() - t) / repeats
+        synchronize(device)
+        return 1000 * (time.perf_counter() - t) / repeats
+
+    try:
+        for name, layer, rows in layers:
+            fast_depthwise.TOEPLITZ_ROWS = rows          # read at each launch
+            for part in ("forward", "forward_backward"):
+                timings[f"{name}_{part}"] = milliseconds(layer, part)
+    finally:
+        fast_depthwise.TOEPLITZ_ROWS = default_rows
     print("one depthwise layer, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     return timings
 
