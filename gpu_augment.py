@@ -9,8 +9,9 @@ parameter per image, from the same distributions as v2 (test_convmixer.py compar
 applies them batched:
 
 - the crop and resize is a per-image bilinear resampling, written out below;
-- RandAugment with a fixed magnitude has only 14 ops x 2 signs, so images are grouped by
-  (op, sign) and each group goes through torchvision's own functional op, unchanged;
+- RandAugment with a fixed magnitude has only 14 ops x 2 signs (and "not applied"), so images
+  are grouped by (op, sign) and each group goes through torchvision's own functional op, with
+  the arguments that train_cifar.randaugment_op gives v2.RandAugment;
 - the erasing is a per-image rectangle mask filled with N(0, 1) noise.
 
     augment = BatchAugment(mean, std)             # other defaults: the paper's recipe
@@ -21,23 +22,26 @@ import math
 import torch
 from torchvision.transforms.v2 import functional as F
 
-NUM_MAGNITUDE_BINS = 31                      # torchvision's RandAugment default
+NUM_MAGNITUDE_BINS = 11                      # timm's 0-10 magnitude scale, as in train_cifar.py
 
 
-def randaugment_ops(magnitude, size):
+def randaugment_ops(magnitude, size, fill):
     """torchvision's 14 RandAugment ops, in its order, as (name, signed, m, fn): m is the op's
-    magnitude for `magnitude` (0-30) on images of `size` = (H, W), or None for ops without one;
-    fn(images, m or -m) applies the op to a batch of uint8 images."""
+    magnitude for `magnitude` (0-10) on images of `size` = (H, W), or None for ops without one;
+    fn(images, m or -m) applies the op to a batch of uint8 images, bilinear and filling with the
+    colour `fill` where the image moves (train_cifar.randaugment_op)."""
     height, width = size
     bins = NUM_MAGNITUDE_BINS
 
-    def level(top):                           # torchvision: linspace(0, top, 31)[magnitude]
+    def level(top):                           # torchvision: linspace(0, top, bins)[magnitude]
         return float(torch.linspace(0.0, top, bins)[magnitude])
 
     shear = level(0.3)
     tone = level(0.9)
+    fill = [float(f) for f in fill]
+    bilinear = F.InterpolationMode.BILINEAR
     affine = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0],
-                  interpolation=F.InterpolationMode.NEAREST, fill=None)
+                  interpolation=bilinear, fill=fill)
     return [
         ("Identity", False, None, lambda x, m: x),
         ("ShearX", True, shear, lambda x, m: F.affine(
@@ -49,7 +53,7 @@ def randaugment_ops(magnitude, size):
         ("TranslateY", True, level(150.0 / 331.0 * height),
          lambda x, m: F.affine(x, **(affine | dict(translate=[0, int(m)])))),
         ("Rotate", True, level(30.0),
-         lambda x, m: F.rotate(x, angle=m, interpolation=F.InterpolationMode.NEAREST, fill=None)),
+         lambda x, m: F.rotate(x, angle=m, interpolation=bilinear, fill=fill)),
         ("Brightness", True, tone, lambda x, m: F.adjust_brightness(x, 1.0 + m)),
         ("Color", True, tone, lambda x, m: F.adjust_saturation(x, 1.0 + m)),
         ("Contrast", True, tone, lambda x, m: F.adjust_contrast(x, 1.0 + m)),
@@ -139,11 +143,13 @@ def resized_crop(images, top, left, h, w, size):
 
 
 class BatchAugment:
-    """Per-image RandomResizedCrop, flip, RandAugment, normalization and RandomErasing."""
+    """Per-image RandomResizedCrop, flip, RandAugment, normalization and RandomErasing.
+    RandAugment fills with the mean colour, round(255 * mean), as train_cifar.py does."""
 
-    def __init__(self, mean, std, size=(32, 32), scale=0.75, ra_n=2, ra_m=9, reprob=0.25):
-        self.size, self.scale, self.ra_n, self.reprob = size, (scale, 1.0), ra_n, reprob
-        self.ops = randaugment_ops(ra_m, size)
+    def __init__(self, mean, std, size=(32, 32), scale=0.75, ra_n=2, ra_m=9, ra_p=0.5, reprob=0.25):
+        self.size, self.scale, self.reprob = size, (scale, 1.0), reprob
+        self.ra_n, self.ra_p = ra_n, ra_p
+        self.ops = randaugment_ops(ra_m, size, fill=[round(255 * m) for m in mean])
         self.mean, self.std = mean, std
 
     def sample(self, n, generator, device):
@@ -154,6 +160,7 @@ class BatchAugment:
         for k in range(self.ra_n):
             params[f"op{k}"] = torch.randint(len(self.ops), (n,), generator=generator, device=device)
             params[f"negative{k}"] = torch.rand(n, generator=generator, device=device) <= 0.5
+            params[f"apply{k}"] = torch.rand(n, generator=generator, device=device) < self.ra_p
         params.update(self.sample_erasing(n, generator, device))
         return params
 
@@ -173,15 +180,19 @@ class BatchAugment:
                     erase_left=randint_below((width - w + 1).clamp(min=1), generator),
                     erase_h=h, erase_w=w)
 
-    def randaugment(self, images, ops, negative):
-        """Apply op ops[i] (negative magnitude if negative[i]) to image i: images are grouped by
-        (op, sign) and each group goes through one torchvision call; one host sync in all."""
-        group = ops * 2 + negative.long()                         # (op, sign) -> 0 .. 27
+    def randaugment(self, images, ops, negative, apply):
+        """Apply op ops[i] (negative magnitude if negative[i]) to image i where apply[i]: images
+        are grouped by (op, sign) and each group goes through one torchvision call; one host sync
+        in all."""
+        skip = 2 * len(self.ops)
+        group = torch.where(apply, ops * 2 + negative.long(), skip)  # (op, sign) -> 0 .. 27; 28: none
         order = torch.argsort(group)
-        counts = torch.bincount(group, minlength=2 * len(self.ops)).tolist()
+        counts = torch.bincount(group, minlength=skip + 1).tolist()
         out = torch.empty_like(images)
         for g, index in enumerate(order.split(counts)):
-            if len(index):
+            if g == skip:
+                out[index] = images[index]
+            elif len(index):
                 _, signed, magnitude, fn = self.ops[g // 2]
                 m = -magnitude if signed and g % 2 else magnitude   # unsigned ops ignore the sign
                 out[index] = fn(images[index], m)
@@ -193,7 +204,7 @@ class BatchAugment:
         x = resized_crop(images, p["top"], p["left"], p["h"], p["w"], self.size)
         x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
         for k in range(self.ra_n):
-            x = self.randaugment(x, p[f"op{k}"], p[f"negative{k}"])
+            x = self.randaugment(x, p[f"op{k}"], p[f"negative{k}"], p[f"apply{k}"])
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x = (x.float() / 255 - mean) / std

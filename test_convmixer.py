@@ -466,6 +466,7 @@ def test_missing_data_without_network_says_where_the_files_go(tmp_path, monkeypa
     (["--val", "50000"], "--val"), (["--subset", "49000", "--val", "2000"], "--subset"),
     (["--subset", "100", "--batch-size", "128"], "--batch-size"),
     (["--workers", "-1"], "--workers"), (["--eval-every", "-1"], "--eval-every"),
+    (["--ra-m", "11"], "--ra-m"), (["--ra-p", "1.5"], "--ra-p"),
     (["--device", "nonsense"], "--device"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     (["--resume"], "--resume"),
@@ -484,7 +485,13 @@ def test_existing_out_and_bad_checkpoints_fail_naming_the_file(reference_run, tm
     mismatched = tmp_path / "mismatched.pt"
     saved = torch.load(out / "model.pt", weights_only=True)
     torch.save({**saved, "config": {**saved["config"], "hdim": 48}}, mismatched)
+    older = tmp_path / "older"                      # a run whose recipe lacks a newer key
+    shutil.copytree(out, older)
+    state = torch.load(older / "last.pt", weights_only=True)
+    del state["recipe"]["ra_p"]
+    torch.save(state, older / "last.pt")
     cases = [
+        (["--resume", "--out", older], "lacks ra_p"),
         (["--out", out], f"--out {out}"),
         (["--resume", "--out", tmp_path / "none"], "last.pt"),
         (["--eval", tmp_path / "missing.pt"], "missing.pt"),
@@ -713,15 +720,17 @@ def sample_images(n, seed=0):
 
 
 def test_randaugment_ops_are_torchvisions():
-    from torchvision.transforms import v2
+    """Each op of the batch path gives what the CPU path's v2.RandAugment gives, to the pixel."""
     import gpu_augment
+    import train_cifar
     images = sample_images(32)
-    reference = v2.RandAugment(num_ops=2, magnitude=9)
-    ops = gpu_augment.randaugment_ops(9, (32, 32))
+    reference = train_cifar.randaugment_op(train_cifar.parse_args(["--device", "cpu"]))
+    assert reference.num_magnitude_bins == gpu_augment.NUM_MAGNITUDE_BINS and reference.magnitude == 9
+    ops = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD).ops
     assert [name for name, *_ in ops] == list(reference._AUGMENTATION_SPACE)
     for name, signed, magnitude, fn in ops:
         magnitudes, tv_signed = reference._AUGMENTATION_SPACE[name]
-        tv_magnitude = magnitudes(31, 32, 32)
+        tv_magnitude = magnitudes(reference.num_magnitude_bins, 32, 32)
         assert signed == tv_signed, name
         assert (magnitude is None) == (tv_magnitude is None), name
         tv_magnitude = 0.0 if tv_magnitude is None else float(tv_magnitude[9])
@@ -773,6 +782,7 @@ def test_batch_augment_samples_the_same_distribution_as_the_cpu_path():
     """Crop sizes, flips, RandAugment op and sign frequencies, erasing rate and box areas."""
     from torchvision.transforms import v2
     import gpu_augment
+    import train_cifar
     n = 20_000
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -795,16 +805,21 @@ def test_batch_augment_samples_the_same_distribution_as_the_cpu_path():
     close(p["top"].float().mean().item(), torch.tensor([c["top"] for c in tv]).float().mean().item(),
           1.0, "crop top")
 
-    # Flip and RandAugment: op frequencies and signs, recorded from torchvision's own RandAugment
+    # Flip and RandAugment: how often an op is applied, op frequencies and signs, recorded from
+    # the CPU path's own RandAugment stage (torchvision's RandomApply and RandAugment)
     close(p["flip"].float().mean().item(), 0.5, 0.5, "flip rate")
     chosen = []
-    reference = v2.RandAugment(num_ops=2, magnitude=9)
-    reference._apply_image_or_video_transform = lambda img, op, m, **kw: chosen.append((op, m)) or img
+    stage = train_cifar.randaugment(train_cifar.parse_args(["--device", "cpu"]))
+    for apply in stage.transforms:
+        apply.transforms[0]._apply_image_or_video_transform = \
+            lambda img, op, m, **kw: chosen.append((op, m)) or img
     for _ in range(n // 2):
-        reference(image)
-    names = list(reference._AUGMENTATION_SPACE)
-    ours_ops = torch.cat([p["op0"], p["op1"]])[:n]
-    ours_negative = torch.cat([p["negative0"], p["negative1"]])[:n]
+        stage(image)
+    close(torch.cat([p["apply0"], p["apply1"]]).float().mean().item(), len(chosen) / n, 0.5,
+          "rate of applied ops")
+    names = list(stage.transforms[0].transforms[0]._AUGMENTATION_SPACE)
+    ours_ops = torch.cat([p["op0"][p["apply0"]], p["op1"][p["apply1"]]])[:len(chosen)]
+    ours_negative = torch.cat([p["negative0"][p["apply0"]], p["negative1"][p["apply1"]]])[:len(chosen)]
     for index, name in enumerate(names):
         f_ours = (ours_ops == index).float().mean().item()
         f_tv = sum(op == name for op, _ in chosen) / len(chosen)

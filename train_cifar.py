@@ -7,12 +7,13 @@
 The recipe (defaults) is the one the ConvMixer authors used for CIFAR-10 with timm: AdamW
 (lr 0.01, weight decay 0.01 on weights but not on biases/BatchNorm, eps 1e-3), batch 64, a
 one-cycle learning rate stepped every iteration, gradient clipping at norm 1, mixed precision on
-GPU; RandomResizedCrop(scale 0.75-1), flip, RandAugment(2 ops, magnitude 9), MixUp or CutMix
+GPU; RandomResizedCrop(scale 0.75-1), flip, RandAugment as timm's "rand-m9-mstd0.5-inc1" (2 ops,
+each applied with probability 0.5, magnitude 9 of 10; see train_transform), MixUp or CutMix
 (alpha 0.5, one of the two per batch), RandomErasing (p 0.25) and label smoothing 0.1.
 The paper reports 96.03% for ConvMixer-256/8 (k=9, p=1) after 200 epochs (Table 4).
 
 Evidence so far (README, Results): a 2-epoch ConvMixer-32/2 on 2,000 CIFAR-10 images reaches
-20.68% on a 2-thread CPU in 14.5 s, a smoke test; no full-length GPU run has been recorded yet.
+21.23% on a 2-thread CPU in 11.6 s, a smoke test; no full-length GPU run has been recorded yet.
 
 Randomness is tied to (seed, epoch, image) rather than to a stream, so a run is the same with any
 --workers, and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly where it stopped.
@@ -38,6 +39,7 @@ from convmixer import ConvMixer
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR10_MEAN_PIXEL = [round(255 * m) for m in CIFAR10_MEAN]     # (125, 123, 114): fill colour
 N_CLASSES = 10
 N_TRAIN_IMAGES = 50_000
 
@@ -69,8 +71,10 @@ def parse_args(argv=None):
                      help="bfloat16 autocast on CUDA (the CPU always trains in float32)")
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--scale", type=float, default=0.75, help="RandomResizedCrop min scale")
-    aug.add_argument("--ra-n", type=int, default=2, help="RandAugment ops per image")
-    aug.add_argument("--ra-m", type=int, default=9, help="RandAugment magnitude (0-30)")
+    aug.add_argument("--ra-n", type=int, default=2, help="RandAugment ops drawn per image")
+    aug.add_argument("--ra-m", type=int, default=9, help="RandAugment magnitude, on timm's 0-10 scale")
+    aug.add_argument("--ra-p", type=float, default=0.5,
+                     help="probability that each drawn RandAugment op is applied (as in timm)")
     aug.add_argument("--mixup", type=float, default=0.5, help="MixUp alpha (0: off)")
     aug.add_argument("--cutmix", type=float, default=0.5, help="CutMix alpha (0: off)")
     aug.add_argument("--reprob", type=float, default=0.25, help="RandomErasing probability")
@@ -115,13 +119,13 @@ def parse_args(argv=None):
     for name in ("wd", "clip", "mixup", "cutmix", "workers", "val", "fake_data", "eval_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("reprob", "label_smoothing"):
+    for name in ("reprob", "label_smoothing", "ra_p"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0 < args.scale <= 1:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
-    if args.ra_n < 0 or not 0 <= args.ra_m <= 30:
-        p.error(f"--ra-n must be >= 0 and --ra-m in [0, 30], got {args.ra_n}, {args.ra_m}")
+    if args.ra_n < 0 or not 0 <= args.ra_m <= 10:
+        p.error(f"--ra-n must be >= 0 and --ra-m in [0, 10], got {args.ra_n}, {args.ra_m}")
     if args.subset is not None and args.subset <= 0:
         p.error(f"--subset must be positive, got {args.subset}")
     n_available = args.fake_data or N_TRAIN_IMAGES
@@ -174,12 +178,32 @@ def load_fake(n, train, seed):
     return images, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
+# RandAugment's magnitude scale: timm's, 0-10 (the paper's "m9"); torchvision's default has 31 bins.
+RANDAUGMENT_BINS = 11
+
+
+def randaugment_op(args):
+    """One RandAugment op, drawn at random, as timm's "rand-m9-mstd0.5-inc1" (the paper's setting)
+    does it: strengths on timm's 0-10 scale (at 9: rotate 27 degrees, shear 0.27, translate 41% of
+    the side, brightness/colour/contrast/sharpness factor 1 +- 0.81, solarize above 26), mean-colour
+    fill and bilinear resampling where the image moves. Left different from timm: torchvision's op
+    list (Identity where timm has Invert and SolarizeAdd), its Posterize scale (4 bits kept at 9,
+    timm 1) and a fixed magnitude (timm adds N(0, 0.5) noise to it); README, "The training recipe"."""
+    return v2.RandAugment(num_ops=1, magnitude=args.ra_m, num_magnitude_bins=RANDAUGMENT_BINS,
+                          interpolation=v2.InterpolationMode.BILINEAR, fill=CIFAR10_MEAN_PIXEL)
+
+
+def randaugment(args):
+    """--ra-n ops drawn per image, each applied with probability --ra-p (timm's default 0.5)."""
+    return v2.Compose([v2.RandomApply([randaugment_op(args)], p=args.ra_p) for _ in range(args.ra_n)])
+
+
 def train_transform(args):
     """Per-image augmentation of a uint8 (3, 32, 32) tensor into a normalized float tensor."""
     return v2.Compose([
         v2.RandomResizedCrop(32, scale=(args.scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandAugment(num_ops=args.ra_n, magnitude=args.ra_m),
+        randaugment(args),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
         # value="random" fills with N(0, 1) noise in normalized space (timm's "pixel" mode).
@@ -240,7 +264,7 @@ def device_batches(plan, first_step, images, labels, augment):
     with its own random parameters (gpu_augment.BatchAugment). (B, 3, 32, 32) float, (B,).
 
     The augmentation runs on chunks of several batches: a call issues the same operations and
-    host syncs for 8192 images as for 512 (1,185 operations; see README). A chunk's randomness
+    host syncs for 8192 images as for 512 (1,397 operations; see README). A chunk's randomness
     comes from the seed of its first step, so a resumed epoch rebuilds its chunk exactly."""
     generator = torch.Generator(images.device)
     order = torch.tensor(plan.order, device=images.device)
@@ -305,7 +329,7 @@ def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000
 # Files: checkpoints are replaced atomically, so a kill mid-write leaves the previous one intact.
 
 RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
-               "label_smoothing", "amp", "scale", "ra_n", "ra_m", "mixup", "cutmix", "reprob",
+               "label_smoothing", "amp", "scale", "ra_n", "ra_m", "ra_p", "mixup", "cutmix", "reprob",
                "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
 
 
@@ -406,7 +430,8 @@ def training_data(cfg, images, labels, device):
         from gpu_augment import BatchAugment
         return {"images": images.to(device), "labels": labels.to(device),
                 "augment": BatchAugment(CIFAR10_MEAN, CIFAR10_STD, scale=cfg["scale"],
-                                        ra_n=cfg["ra_n"], ra_m=cfg["ra_m"], reprob=cfg["reprob"])}
+                                        ra_n=cfg["ra_n"], ra_m=cfg["ra_m"], ra_p=cfg["ra_p"],
+                                        reprob=cfg["reprob"])}
     return {"dataset": AugmentedImages(images, labels, train_transform(recipe))}
 
 
@@ -445,6 +470,10 @@ def train(args):
             raise Fail(f"--resume: {out / 'log.jsonl'} does not exist; is {out} a run of train_cifar.py?")
         state = read_checkpoint(out / "last.pt", "--resume")
         cfg = state["recipe"]
+        missing = [k for k in RECIPE_KEYS if k not in cfg]
+        if missing:
+            raise Fail(f"--resume: {out / 'last.pt'} was written by an older train_cifar.py, whose "
+                       f"recipe lacks {', '.join(missing)}; this version cannot continue it")
         log_records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
                        if line.strip()]
         if state["epoch"] < cfg["epochs"]:
