@@ -36,8 +36,8 @@ def timm_auto_augment():
     posterize = auto_augment.posterize
 
     def posterize_0_bits_is_black(img, bits, **kwargs):
-        # timm keeps 4 - int(4 * m / 10) bits: 0 when the noisy magnitude reaches 10. Pillow 10+
-        # refuses 0 bits; the Pillow of 2021 turned the image black, which this restores.
+        # timm keeps 4 - int(4 * m / 10) bits: 0 when the noisy magnitude reaches 10. Current
+        # Pillow (13) refuses 0 bits; older Pillow's bit mask made the image black, as here.
         return Image.new(img.mode, img.size) if bits <= 0 else posterize(img, bits, **kwargs)
 
     for name in ("PosterizeIncreasing", "Posterize", "PosterizeOriginal"):
