@@ -185,7 +185,7 @@ RANDAUGMENT_BINS = 11
 def randaugment_op(args):
     """One RandAugment op, drawn at random, as timm's "rand-m9-mstd0.5-inc1" (the paper's setting)
     does it: strengths on timm's 0-10 scale (at 9: rotate 27 degrees, shear 0.27, translate 41% of
-    the side, brightness/colour/contrast/sharpness factor 1 +- 0.81, solarize above 26), mean-colour
+    the side, brightness/colour/contrast/sharpness factor 1 +- 0.81, solarize from 26 up), mean-colour
     fill and bilinear resampling where the image moves. Left different from timm: torchvision's op
     list (Identity where timm has Invert and SolarizeAdd), its Posterize scale (4 bits kept at 9,
     timm 1) and a fixed magnitude (timm adds N(0, 0.5) noise to it); README, "The training recipe"."""
