@@ -765,6 +765,31 @@ def test_batch_augment_draws_each_images_own_parameters():
     assert len(distinct) > 60
 
 
+def test_batch_augment_issues_as_many_operations_for_a_chunk_as_for_a_batch():
+    """A call's cost in launches does not grow with the number of images (README: the count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import gpu_augment
+
+    class CountOperations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    augment = gpu_augment.BatchAugment(CIFAR10_MEAN, CIFAR10_STD)
+    counts = []
+    for n in (512, 4096):
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))
+        with CountOperations() as counter:
+            augment(images, torch.Generator().manual_seed(0))
+        counts.append(counter.count)
+    assert counts[0] == counts[1] and counts[0] > 100, counts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA run with the CPU run")
 def test_batch_augment_on_cuda_matches_the_cpu_for_the_same_parameters():
     import gpu_augment
