@@ -1,24 +1,18 @@
 """Train ConvMixer on CIFAR-10 with the paper's recipe; resumable, and honest about its result.
 
-    python train_cifar.py --hdim 256 --depth 8 --ksize 9        # the paper's ConvMixer-256/8 (200 epochs)
+    python train_cifar.py --hdim 256 --depth 8 --ksize 9        # the paper's ConvMixer-256/8, 200 epochs
+    python train_cifar.py --epochs 2 --subset 2000              # a quick check of the whole pipeline
     python train_cifar.py --resume --out runs/<run>             # continue an interrupted run
     python train_cifar.py --eval runs/<run>/model.pt            # test accuracy of a saved model
 
-The recipe (defaults) is the one the ConvMixer authors used for CIFAR-10 with timm: AdamW
-(lr 0.01, weight decay 0.01 on weights but not on biases/BatchNorm, eps 1e-3), batch 64, a
-one-cycle learning rate stepped every iteration, gradient clipping at norm 1, mixed precision on
-GPU; RandomResizedCrop(scale 0.75-1), flip, RandAugment as timm's "rand-m9-mstd0.5-inc1" (2 ops,
-each applied with probability 0.5, magnitude 9 of 10; see train_transform), MixUp or CutMix
-(alpha 0.5, one of the two per batch), RandomErasing (p 0.25) and label smoothing 0.1.
-The paper reports 96.03% for ConvMixer-256/8 (k=9, p=1) after 200 epochs (Table 4).
-
-Evidence so far (README, Results): a 2-epoch ConvMixer-32/2 on 2,000 CIFAR-10 images reaches
-21.23% on a 2-thread CPU in 11.6 s, a smoke test; no full-length GPU run has been recorded yet.
-
-Randomness is tied to (seed, epoch, image) rather than to a stream, so a run is the same with any
---workers, and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly where it stopped.
-Outputs in --out: log.jsonl (config, one line per epoch, final result), model.pt (weights in the
-published ConvMixer layout + what is needed to use them), last.pt (full state for --resume).
+The defaults are the authors' CIFAR-10 settings for timm (README, "The training recipe"); the paper
+reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence here so far: a
+2-epoch smoke test on a 2-thread CPU (README, Results); no full-length GPU run is recorded yet.
+The file reads in the order of a run: settings, data and augmentation, model, optimizer, training
+loop, evaluation, files. Randomness is tied to (seed, epoch, image), so a run is the same with any
+--workers and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly. Writes to --out:
+log.jsonl (recipe, a line per epoch, result), model.pt (weights and config), last.pt (for --resume).
+The optional speed code (--fast, --benchmark) is in fast/.
 """
 import argparse
 import json
@@ -29,19 +23,25 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from convmixer import ConvMixer
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-CIFAR10_MEAN_PIXEL = [round(255 * m) for m in CIFAR10_MEAN]     # (125, 123, 114): fill colour
+CIFAR10_MEAN_PIXEL = [float(round(255 * m)) for m in CIFAR10_MEAN]   # (125, 123, 114): fill colour
 N_CLASSES = 10
 N_TRAIN_IMAGES = 50_000
+# What a run's result depends on; saved in last.pt and log.jsonl, reused by --resume.
+RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
+               "label_smoothing", "amp", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup", "cutmix",
+               "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
 
 
 class Fail(Exception):
@@ -49,110 +49,108 @@ class Fail(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Settings
+
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):              # the message names the flag; no usage block above it
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineErrors(prog="train_cifar.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = p.add_argument_group("model")
-    model.add_argument("--hdim", type=int, default=256, help="width (channels) h")
-    model.add_argument("--depth", type=int, default=8, help="number of ConvMixer blocks d")
-    model.add_argument("--ksize", type=int, default=9, help="depthwise kernel size k")
-    model.add_argument("--psize", type=int, default=1, help="patch size p")
-    opt = p.add_argument_group("optimization")
-    opt.add_argument("--epochs", type=int, default=200)
-    opt.add_argument("--batch-size", type=int, default=64)
-    opt.add_argument("--lr", type=float, default=0.01, help="peak of the one-cycle schedule")
-    opt.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (weights only)")
-    opt.add_argument("--eps", type=float, default=1e-3, help="AdamW epsilon")
-    opt.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    opt.add_argument("--label-smoothing", type=float, default=0.1)
-    opt.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                     help="bfloat16 autocast on CUDA (the CPU always trains in float32)")
-    aug = p.add_argument_group("augmentation")
-    aug.add_argument("--scale", type=float, default=0.75, help="RandomResizedCrop min scale")
-    aug.add_argument("--ra-n", type=int, default=2, help="RandAugment ops drawn per image")
-    aug.add_argument("--ra-m", type=int, default=9, help="RandAugment magnitude, on timm's 0-10 scale")
-    aug.add_argument("--ra-p", type=float, default=0.5,
-                     help="probability that each drawn RandAugment op is applied (as in timm)")
-    aug.add_argument("--mixup", type=float, default=0.5, help="MixUp alpha (0: off)")
-    aug.add_argument("--cutmix", type=float, default=0.5, help="CutMix alpha (0: off)")
-    aug.add_argument("--reprob", type=float, default=0.25, help="RandomErasing probability")
-    run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="all randomness derives from it")
-    run.add_argument("--data", default="./data", help="CIFAR-10 root (downloaded if missing)")
-    run.add_argument("--fake-data", type=int, metavar="N", default=0,
-                     help="use N synthetic images (torchvision FakeData) instead of CIFAR-10, "
-                          "to smoke-test the pipeline; accuracy is meaningless")
-    run.add_argument("--out", help="output folder; when not given, a new folder under runs/")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cpu, cuda, cuda:1, ... (cuda when present)")
-    run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                     help="data-loading processes (0: load in the main process)")
-    run.add_argument("--subset", type=int, metavar="N", help="train on the first N training images")
-    run.add_argument("--val", type=int, metavar="N", default=0,
-                     help="hold out the last N training images and report accuracy on them")
-    run.add_argument("--eval-every", type=int, metavar="N", default=10,
-                     help="evaluate on the test set (and --val) every N epochs and after the last "
-                          "(0: only after the last); evaluation does not change training")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last.pt (its recipe is reused)")
-    run.add_argument("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
-    speed = p.add_argument_group("speed (optional; see gpu_augment.py and fast_depthwise.py)")
-    speed.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
-                       help="keep the data on the device and augment whole batches there; on CUDA "
-                            "also use the Triton depthwise convolution. Off by default until it "
-                            "has been measured on a GPU (see README)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--benchmark", action="store_true",
-                       help="time training steps of the plain and the fast path on synthetic data "
-                            "for this config, print both, write benchmark.json to --out, and exit")
-    speed.add_argument("--bench-steps", type=int, default=30, help="timed steps per path")
+    add = p.add_argument_group("model").add_argument
+    add("--hdim", type=int, default=256, help="width (channels) h")
+    add("--depth", type=int, default=8, help="number of ConvMixer blocks d")
+    add("--ksize", type=int, default=9, help="depthwise kernel size k")
+    add("--psize", type=int, default=1, help="patch size p")
+    add = p.add_argument_group("optimization").add_argument
+    add("--epochs", type=int, default=200)
+    add("--batch-size", type=int, default=64)
+    add("--lr", type=float, default=0.01, help="peak of the one-cycle schedule")
+    add("--wd", type=float, default=0.01, help="AdamW weight decay (weights only)")
+    add("--eps", type=float, default=1e-3, help="AdamW epsilon")
+    add("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    add("--label-smoothing", type=float, default=0.1)
+    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast on CUDA")
+    add = p.add_argument_group("augmentation").add_argument
+    add("--scale", type=float, default=0.75, help="RandomResizedCrop min scale")
+    add("--ra-n", type=int, default=2, help="RandAugment ops drawn per image")
+    add("--ra-m", type=float, default=9, help="RandAugment magnitude, on timm's 0-10 scale")
+    add("--ra-mstd", type=float, default=0.5, help="std of the noise drawn on the magnitude per op")
+    add("--ra-p", type=float, default=0.5, help="probability that a drawn RandAugment op is applied")
+    add("--mixup", type=float, default=0.5, help="MixUp alpha (0: off)")
+    add("--cutmix", type=float, default=0.5, help="CutMix alpha (0: off)")
+    add("--reprob", type=float, default=0.25, help="RandomErasing probability")
+    add = p.add_argument_group("run").add_argument
+    add("--seed", type=int, default=0, help="all randomness derives from it")
+    add("--data", default="./data", help="CIFAR-10 root (downloaded if missing)")
+    add("--fake-data", type=int, metavar="N", default=0,
+        help="N synthetic images (FakeData) instead of CIFAR-10, for smoke tests")
+    add("--out", help="output folder; when not given, a new folder under runs/")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
+    add("--subset", type=int, metavar="N", help="train on the first N training images")
+    add("--val", type=int, metavar="N", default=0, help="hold out the last N training images, report on them")
+    add("--eval-every", type=int, metavar="N", default=10,
+        help="test (and --val) accuracy every N epochs and after the last (0: after the last only)")
+    add("--progress-every", type=float, metavar="SECONDS", default=30,
+        help="without a terminal, a progress line this often; the whole run's estimate after this long")
+    add("--resume", action="store_true", help="continue the run in --out from its last.pt and recipe")
+    add("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
+    add = p.add_argument_group("speed (optional; the code is in fast/)").add_argument
+    add("--fast", action=argparse.BooleanOptionalAction, default=False,
+        help="augment whole batches on the device; on CUDA also the Triton depthwise convolution")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--benchmark", action="store_true", help="time plain and fast training steps, then exit")
+    add("--bench-steps", type=int, default=30, help="timed steps per path")
     args = p.parse_args(argv)
-
-    for name in ("hdim", "depth", "ksize", "psize", "epochs", "batch_size", "bench_steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "eps"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("wd", "clip", "mixup", "cutmix", "workers", "val", "fake_data", "eval_every"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("reprob", "label_smoothing", "ra_p"):
-        if not 0 <= getattr(args, name) <= 1:
-            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if not 0 < args.scale <= 1:
-        p.error(f"--scale must be in (0, 1], got {args.scale}")
-    if args.ra_n < 0 or not 0 <= args.ra_m <= 10:
-        p.error(f"--ra-n must be >= 0 and --ra-m in [0, 10], got {args.ra_n}, {args.ra_m}")
-    if args.subset is not None and args.subset <= 0:
-        p.error(f"--subset must be positive, got {args.subset}")
-    n_available = args.fake_data or N_TRAIN_IMAGES
-    if args.val >= n_available:
-        p.error(f"--val {args.val} leaves no training images (the training set has {n_available})")
-    n_train = min(args.subset or n_available, n_available - args.val)
-    if args.subset is not None and args.subset > n_available - args.val:
-        p.error(f"--subset {args.subset} is larger than the {n_available - args.val} training "
-                f"images left after --val {args.val}")
-    if not args.eval and not args.benchmark and n_train < args.batch_size:
-        p.error(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
-    if args.resume and not args.out:
-        p.error("--resume needs --out, the folder of the run to continue")
-    if sum(map(bool, (args.resume, args.eval, args.benchmark))) > 1:
-        p.error("--resume, --eval and --benchmark do not go together")
-    if args.out and not args.resume and not args.eval and Path(args.out).exists() \
-            and any(Path(args.out).iterdir()):
-        p.error(f"--out {args.out} already exists and is not empty; "
-                f"add --resume to continue that run, or choose another folder")
-    args.n_train = n_train
+        check_args(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def check_args(args):
+    """Raise ValueError naming the first flag whose value cannot work; sets args.n_train."""
+    rules = [("hdim depth ksize psize epochs batch_size bench_steps lr eps", lambda v: v > 0, "be positive"),
+             ("wd clip mixup cutmix workers val fake_data eval_every ra_n ra_mstd progress_every",
+              lambda v: v >= 0, "not be negative"),
+             ("reprob label_smoothing ra_p", lambda v: 0 <= v <= 1, "be in [0, 1]"),
+             ("ra_m", lambda v: 0 <= v <= 10, "be in [0, 10], timm's magnitude scale"),
+             ("scale", lambda v: 0 < v <= 1, "be in (0, 1]"),
+             ("subset", lambda v: v is None or v > 0, "be positive")]
+    for names, ok, rule in rules:
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {getattr(args, name)}")
+    n_available = args.fake_data or N_TRAIN_IMAGES
+    args.n_train = min(args.subset or n_available, n_available - args.val)
+    problems = [
+        (args.psize > 32, f"--psize {args.psize} is larger than the 32 x 32 CIFAR-10 images"),
+        (args.val >= n_available, f"--val {args.val} leaves no training images (there are {n_available})"),
+        ((args.subset or 0) > n_available - args.val, f"--subset {args.subset} is larger than the "
+         f"{n_available - args.val} training images left after --val {args.val}"),
+        (not args.eval and not args.benchmark and args.n_train < args.batch_size,
+         f"--batch-size {args.batch_size} is larger than the {args.n_train} training images"),
+        (args.resume and not args.out, "--resume needs --out, the folder of the run to continue"),
+        (sum(map(bool, (args.resume, args.eval, args.benchmark))) > 1,
+         "--resume, --eval and --benchmark do not go together"),
+        (args.out and Path(args.out).exists() and not Path(args.out).is_dir(),
+         f"--out {args.out} is a file, not a folder; choose a folder"),
+        (args.out and not args.resume and not args.eval and Path(args.out).is_dir()
+         and any(Path(args.out).iterdir()), f"--out {args.out} already exists and is not empty; "
+         "add --resume to continue that run, or choose another folder")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+    try:
+        cuda = torch.device(args.device).type == "cuda"
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +158,20 @@ def parse_args(argv=None):
 
 def load_cifar10(root, train):
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed."""
+    folder = Path(root) / "cifar-10-batches-py"
     try:
         ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except PermissionError as e:
+        raise Fail(f"--data {root}: cannot read or write there ({e.strerror}: {e.filename})") from None
     except Exception as e:   # no network, a bad mirror, a corrupt archive...
+        files = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list
+        bad = [folder / name for name, md5 in files if (folder / name).exists()
+               and not torchvision.datasets.utils.check_integrity(str(folder / name), md5)]
+        if bad:      # torchvision tried to download it again, and could not
+            raise Fail(f"--data {root}: {bad[0]} fails CIFAR-10's MD5 checksum (truncated or "
+                       f"corrupt); delete it, or the whole {folder}, to download it again") from None
         raise Fail(f"--data {root}: CIFAR-10 is not there and could not be downloaded ({e}). "
-                   f"Put the official python version there, as {Path(root) / 'cifar-10-batches-py'}/ "
+                   f"Put the official python version there, as {folder}/ "
                    f"or {Path(root) / 'cifar-10-python.tar.gz'}") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return images, torch.tensor(ds.targets)
@@ -174,47 +181,112 @@ def load_fake(n, train, seed):
     """torchvision FakeData in the same format, for smoke tests without CIFAR-10."""
     ds = torchvision.datasets.FakeData(n if train else max(n // 5, 1), (3, 32, 32), N_CLASSES,
                                        random_offset=seed + (0 if train else 10**6))
-    images = torch.stack([v2.functional.pil_to_tensor(ds[i][0]) for i in range(len(ds))])
+    images = torch.stack([F.pil_to_tensor(ds[i][0]) for i in range(len(ds))])
     return images, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
-# RandAugment's magnitude scale: timm's, 0-10 (the paper's "m9"); torchvision's default has 31 bins.
-RANDAUGMENT_BINS = 11
+# RandAugment as timm's "rand-m9-mstd0.5-inc1", the paper's setting, written from timm's auto_augment.py:
+# 15 ops, each with its argument as a function of the magnitude m (0-10, drawn per op call around
+# --ra-m; the comments give m = 9); signed ones get a random sign. Geometric ops fill with the mean
+# colour, bilinear (timm draws bilinear or bicubic; torchvision's tensor affine has no bicubic).
+# The ops map uint8 (3, H, W) to the same; fast/augment.py has a batched twin of each.
+class RandAugmentOp(NamedTuple):
+    name: str
+    signed: bool
+    argument: Optional[Callable]           # m (a float tensor) -> the op's argument
+    apply: Callable                        # (image, argument) -> image
 
 
-def randaugment_op(args):
-    """One RandAugment op, drawn at random, as timm's "rand-m9-mstd0.5-inc1" (the paper's setting)
-    does it: strengths on timm's 0-10 scale (at 9: rotate 27 degrees, shear 0.27, translate 41% of
-    the side, brightness/colour/contrast/sharpness factor 1 +- 0.81, solarize from 26 up), mean-colour
-    fill and bilinear resampling where the image moves. Left different from timm: torchvision's op
-    list (Identity where timm has Invert and SolarizeAdd), its Posterize scale (4 bits kept at 9,
-    timm 1) and a fixed magnitude (timm adds N(0, 0.5) noise to it); README, "The training recipe"."""
-    return v2.RandAugment(num_ops=1, magnitude=args.ra_m, num_magnitude_bins=RANDAUGMENT_BINS,
-                          interpolation=v2.InterpolationMode.BILINEAR, fill=CIFAR10_MEAN_PIXEL)
+def affine(x, angle=0.0, translate=(0.0, 0.0), shear=(0.0, 0.0), center=None):
+    return F.affine(x, angle=float(angle), translate=[float(t) for t in translate], scale=1.0,
+                    shear=[float(s) for s in shear], center=center,
+                    interpolation=v2.InterpolationMode.BILINEAR, fill=CIFAR10_MEAN_PIXEL)
 
 
-def randaugment(args):
-    """--ra-n ops drawn per image, each applied with probability --ra-p (timm's default 0.5)."""
-    return v2.Compose([v2.RandomApply([randaugment_op(args)], p=args.ra_p) for _ in range(args.ra_n)])
+def shear(factor, axis):                   # timm shears by a factor, torchvision by an angle
+    degrees = math.degrees(math.atan(float(factor)))
+    return [degrees, 0.0] if axis == "x" else [0.0, degrees]
 
 
-def train_transform(args):
+def enhance_factor(a):                     # timm: 1 + signed argument, never below 0.1
+    return max(0.1, 1.0 + float(a))
+
+
+def solarize_add(x, add):                  # add to the pixels under 128, capped at 255
+    return torch.where(x < 128, (x.int() + int(add)).clamp(max=255), x).to(torch.uint8)
+
+
+Op = RandAugmentOp
+RANDAUGMENT_OPS = [
+    Op("AutoContrast", False, None, lambda x, a: F.autocontrast(x)),
+    Op("Equalize", False, None, lambda x, a: F.equalize(x)),
+    Op("Invert", False, None, lambda x, a: F.invert(x)),
+    Op("Rotate", True, lambda m: 30 * m / 10, lambda x, a: affine(x, angle=a)),         # +-27 degrees
+    Op("PosterizeIncreasing", False, lambda m: 4 - torch.floor(4 * m / 10),            # keep 1 bit
+       lambda x, a: F.posterize(x, bits=int(a))),                                       # (m 10: 0)
+    Op("SolarizeIncreasing", False, lambda m: 256 - torch.floor(256 * m / 10),         # invert >= 26
+       lambda x, a: F.solarize(x, threshold=float(a))),
+    Op("SolarizeAdd", False, lambda m: torch.floor(110 * m / 10), solarize_add),       # +99 below 128
+    Op("ColorIncreasing", True, lambda m: 9 * m / 100,                                 # 1 +- 0.81
+       lambda x, a: F.adjust_saturation(x, enhance_factor(a))),
+    Op("ContrastIncreasing", True, lambda m: 9 * m / 100,
+       lambda x, a: F.adjust_contrast(x, enhance_factor(a))),
+    Op("BrightnessIncreasing", True, lambda m: 9 * m / 100,
+       lambda x, a: F.adjust_brightness(x, enhance_factor(a))),
+    Op("SharpnessIncreasing", True, lambda m: 9 * m / 100,
+       lambda x, a: F.adjust_sharpness(x, enhance_factor(a))),
+    Op("ShearX", True, lambda m: 3 * m / 100,                                          # +-0.27
+       lambda x, a: affine(x, shear=shear(a, "x"), center=[0, 0])),
+    Op("ShearY", True, lambda m: 3 * m / 100, lambda x, a: affine(x, shear=shear(a, "y"), center=[0, 0])),
+    Op("TranslateXRel", True, lambda m: 45 * m / 1000,                                 # +-0.405 of the side
+       lambda x, a: affine(x, translate=(float(a) * x.shape[-1], 0.0))),
+    Op("TranslateYRel", True, lambda m: 45 * m / 1000,
+       lambda x, a: affine(x, translate=(0.0, float(a) * x.shape[-2]))),
+]
+
+
+class RandAugment:
+    """num_ops ops drawn uniformly (with replacement), each applied with probability p, at a
+    magnitude drawn per op from N(magnitude, magnitude_std), clipped to [0, 10]. Draws from
+    torch's default generator."""
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, p=0.5):
+        self.num_ops, self.magnitude, self.magnitude_std, self.p = num_ops, magnitude, magnitude_std, p
+
+    def __call__(self, image):
+        for _ in range(self.num_ops):
+            op = RANDAUGMENT_OPS[int(torch.randint(len(RANDAUGMENT_OPS), ()))]
+            if torch.rand(()) >= self.p:
+                continue
+            m = (self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, 10)
+            a = op.argument(m) if op.argument else None
+            image = op.apply(image, -a if op.signed and torch.rand(()) < 0.5 else a)
+        return image
+
+
+def randaugment(recipe):
+    return RandAugment(recipe.ra_n, recipe.ra_m, recipe.ra_mstd, recipe.ra_p)
+
+
+def train_transform(recipe):
     """Per-image augmentation of a uint8 (3, 32, 32) tensor into a normalized float tensor."""
+    crop = [v2.RandomResizedCrop(32, scale=(recipe.scale, 1.0), antialias=True, interpolation=mode)
+            for mode in (v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC)]
     return v2.Compose([
-        v2.RandomResizedCrop(32, scale=(args.scale, 1.0), antialias=True),
+        v2.RandomChoice(crop),             # timm draws the interpolation per image
         v2.RandomHorizontalFlip(),
-        randaugment(args),
+        randaugment(recipe),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
         # value="random" fills with N(0, 1) noise in normalized space (timm's "pixel" mode).
-        v2.RandomErasing(p=args.reprob, value="random"),
+        v2.RandomErasing(p=recipe.reprob, value="random"),
     ])
 
 
-def batch_mixing(args):
+def batch_mixing(recipe):
     """Per batch, MixUp or CutMix (chosen at random); labels become class probabilities."""
     mixers = [m(alpha=alpha, num_classes=N_CLASSES)
-              for alpha, m in [(args.mixup, v2.MixUp), (args.cutmix, v2.CutMix)] if alpha > 0]
+              for alpha, m in [(recipe.mixup, v2.MixUp), (recipe.cutmix, v2.CutMix)] if alpha > 0]
     if not mixers:
         return lambda images, labels: (images, nn.functional.one_hot(labels, N_CLASSES).float())
     return v2.RandomChoice(mixers)
@@ -232,7 +304,7 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        torch.default_generator.manual_seed(seed)   # the CPU generator that v2 transforms draw from
+        torch.default_generator.manual_seed(seed)   # the CPU generator that the transforms draw from
         return self.transform(self.images[index]), self.labels[index]
 
 
@@ -256,36 +328,71 @@ class EpochPlan:
                 for s in range(first_step, self.steps)]
 
 
-AUGMENT_CHUNK_IMAGES = 8192     # --fast augments this many images at a time (about 100 MB of floats)
-
-
-def device_batches(plan, first_step, images, labels, augment):
-    """--fast: batches cut from the data set held on the device and augmented there, each image
-    with its own random parameters (gpu_augment.BatchAugment). (B, 3, 32, 32) float, (B,).
-
-    The augmentation runs on chunks of several batches: a call issues the same operations and
-    host syncs for 8192 images as for 512 (1,397 operations; see README). A chunk's randomness
-    comes from the seed of its first step, so a resumed epoch rebuilds its chunk exactly."""
-    generator = torch.Generator(images.device)
-    order = torch.tensor(plan.order, device=images.device)
-    b = plan.batch_size
-    chunk = max(1, AUGMENT_CHUNK_IMAGES // b)                     # steps per chunk
-    for start in range(first_step - first_step % chunk, plan.steps, chunk):
-        end = min(start + chunk, plan.steps)
-        index = order[start * b:end * b]
-        generator.manual_seed(plan.augment_seeds[start])
-        x, y = augment(images[index], generator), labels[index]   # (chunk * B, 3, 32, 32), (chunk * B,)
-        for step in range(max(start, first_step), end):
-            yield x[(step - start) * b:(step - start + 1) * b], y[(step - start) * b:(step - start + 1) * b]
-
-
-def _worker_init(_):
+def ignore_sigint(_):
     """Data workers leave Ctrl-C to the main process, which stops cleanly between steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def training_data(recipe, images, labels, device):
+    """What epoch_batches needs: per-image CPU transforms, or (--fast) the data on the device."""
+    if recipe.fast:
+        from fast.augment import BatchAugment
+        return {"images": images.to(device), "labels": labels.to(device),
+                "augment": BatchAugment(RANDAUGMENT_OPS, CIFAR10_MEAN, CIFAR10_STD, scale=recipe.scale,
+                                        ra_n=recipe.ra_n, ra_m=recipe.ra_m, ra_mstd=recipe.ra_mstd,
+                                        ra_p=recipe.ra_p, reprob=recipe.reprob)}
+    return {"dataset": AugmentedImages(images, labels, train_transform(recipe))}
+
+
+def epoch_batches(recipe, plan, first_step, data, workers, device):
+    """The batches of one epoch from first_step on: (augmented images, labels) on `device`."""
+    if recipe.fast:
+        from fast.augment import device_batches
+        return device_batches(plan, first_step, data["images"], data["labels"], data["augment"])
+    loader = torch.utils.data.DataLoader(
+        data["dataset"], batch_sampler=plan.batches(first_step), num_workers=workers,
+        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint if workers else None)
+    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+
+
 # ---------------------------------------------------------------------------------------------
-# Optimization
+# Model
+
+def model_config(recipe):
+    return {"hdim": recipe.hdim, "depth": recipe.depth, "ksize": recipe.ksize, "psize": recipe.psize,
+            "n_classes": N_CLASSES, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+
+
+def build_model(config):
+    return ConvMixer(config["hdim"], config["depth"], kernel_size=config["ksize"],
+                     patch_size=config["psize"], n_classes=config["n_classes"])
+
+
+def prepare_model(recipe, device):
+    """The ConvMixer to train (its state_dict is what gets saved) and the module to call.
+
+    With --fast on CUDA its depthwise convs run on Triton kernels (same Parameters, swapped in
+    place); with --compile the training step calls it through torch.compile. Evaluation calls the
+    model itself, so that eval mode and its batch of 1,000 do not make torch.compile build more graphs."""
+    model = build_model(model_config(recipe)).to(device)
+    if recipe.fast and device.type == "cuda":
+        from fast.depthwise import use_fast_depthwise
+        use_fast_depthwise(model)
+    return model, (torch.compile(model) if recipe.compile else model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+def make_optimizer(model, recipe, fused=None):
+    """AdamW; as timm does by default, no weight decay on biases and BatchNorm (1-D tensors).
+    fused (default: on CUDA) is the same update in far fewer kernel launches."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.wd},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=recipe.lr, eps=recipe.eps, fused=fused or decay[0].is_cuda or None)
+
 
 def one_cycle_lr(progress, peak):
     """Linear 0 -> peak over the first 2/5 of training, -> peak/20 at 4/5, -> 0 at the end."""
@@ -296,144 +403,8 @@ def one_cycle_lr(progress, peak):
     return 0.0
 
 
-def make_optimizer(model, args):
-    # As timm does by default: no weight decay on biases and BatchNorm parameters (1-D tensors).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    # On CUDA the fused implementation: the same update, in far fewer kernel launches.
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, eps=args.eps, fused=decay[0].is_cuda or None)
-
-
-@torch.no_grad()
-def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000):
-    """Accuracy (%) of `model` on uint8 images; with flip_tta, logits of x and its mirror added."""
-    model.eval()
-    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        x = (x.float() / 255 - mean) / std
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = model(x).float()
-            if flip_tta:
-                logits += model(x.flip(3)).float()
-        correct += (logits.argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
-    model.train()
-    return 100.0 * correct / len(images)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: checkpoints are replaced atomically, so a kill mid-write leaves the previous one intact.
-
-RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
-               "label_smoothing", "amp", "scale", "ra_n", "ra_m", "ra_p", "mixup", "cutmix", "reprob",
-               "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
-
-
-def save_atomic(obj, path, write=torch.save):
-    tmp = path.with_name(path.name + ".tmp")
-    write(obj, tmp)
-    os.replace(tmp, path)
-
-
-def model_config(cfg):
-    return {"hdim": cfg["hdim"], "depth": cfg["depth"], "ksize": cfg["ksize"], "psize": cfg["psize"],
-            "n_classes": N_CLASSES, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
-
-
-def build_model(config):
-    return ConvMixer(config["hdim"], config["depth"], kernel_size=config["ksize"],
-                     patch_size=config["psize"], n_classes=config["n_classes"])
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def read_checkpoint(path, flag):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise Fail(f"{flag} {path}: cannot read it as a checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise Fail(f"{flag} {path}: not a checkpoint written by train_cifar.py "
-                   f"(needs 'state_dict' and 'config')")
-    return ckpt
-
-
-def load_weights(model, state_dict, path, flag):
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise Fail(f"{flag} {path}: its weights do not fit the model in its config "
-                   f"({' '.join(first[:2])[:300]})") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
-
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop stops between steps and saves. A second ^C quits now."""
-
-    def __init__(self):
-        self.signum = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt "
-              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def prepare_model(cfg, device):
-    """The ConvMixer to train (its state_dict is what gets saved) and the module to call.
-
-    With --fast on CUDA its depthwise convs run on Triton kernels (same Parameters, swapped in
-    place); with --compile the training step calls it through torch.compile. Otherwise both are
-    the same. Evaluation calls the model itself, so that eval mode and its batch of 1,000 do
-    not make torch.compile build more graphs."""
-    model = build_model(model_config(cfg)).to(device)
-    if cfg["fast"] and device.type == "cuda":
-        from fast_depthwise import use_fast_depthwise
-        use_fast_depthwise(model)
-    return model, (torch.compile(model) if cfg["compile"] else model)
-
-
-def epoch_batches(cfg, plan, first_step, data, workers, device):
-    """The batches of one epoch from first_step on: (augmented images, labels) on `device`."""
-    if cfg["fast"]:
-        return device_batches(plan, first_step, data["images"], data["labels"], data["augment"])
-    loader = torch.utils.data.DataLoader(
-        data["dataset"], batch_sampler=plan.batches(first_step), num_workers=workers,
-        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None)
-    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
-
-
-def training_data(cfg, images, labels, device):
-    """What epoch_batches needs: per-image CPU transforms, or (--fast) the data on the device."""
-    recipe = argparse.Namespace(**cfg)
-    if cfg["fast"]:
-        from gpu_augment import BatchAugment
-        return {"images": images.to(device), "labels": labels.to(device),
-                "augment": BatchAugment(CIFAR10_MEAN, CIFAR10_STD, scale=cfg["scale"],
-                                        ra_n=cfg["ra_n"], ra_m=cfg["ra_m"], ra_p=cfg["ra_p"],
-                                        reprob=cfg["reprob"])}
-    return {"dataset": AugmentedImages(images, labels, train_transform(recipe))}
-
 
 def train_step(net, optimizer, criterion, images, targets, lr, amp, clip, check=True):
     """One AdamW step. Returns (loss, number of images whose top class matches the target's
@@ -457,319 +428,179 @@ def train_step(net, optimizer, criterion, images, targets, lr, amp, clip, check=
     return (loss_value, correct) if check else None
 
 
+class Progress:
+    """What a person sees while an epoch runs: on a terminal one line redrawn every step; in a
+    log file a line every --progress-every seconds; once, after that long, an estimate of the
+    whole run."""
+
+    def __init__(self, recipe, steps_done, every, device):
+        self.steps_per_epoch = recipe.n_train // recipe.batch_size
+        self.total = recipe.epochs * self.steps_per_epoch
+        self.batch_size, self.every, self.device = recipe.batch_size, every, device
+        self.live = sys.stdout.isatty()
+        self.start, self.start_steps = time.time(), steps_done
+        self.last_line, self.estimated = self.start, False
+
+    def step(self, epoch, step, loss):
+        now, done = time.time(), epoch * self.steps_per_epoch + step
+        rate = (done - self.start_steps) / max(now - self.start, 1e-9)          # steps per second
+        eta = format_seconds((self.total - done) / max(rate, 1e-9))
+        line = (f"  epoch {epoch + 1} step {step}/{self.steps_per_epoch}  loss {loss:.3f}  "
+                f"{rate * self.batch_size:,.0f} img/s  ETA {eta}")
+        if self.live:
+            print("\r" + line + " ", end="", flush=True)
+        elif now - self.last_line >= self.every:
+            print(line, flush=True)
+            self.last_line = now
+        if not self.estimated and now - self.start >= self.every:
+            self.estimated = True
+            whole = self.total / max(rate, 1e-9)
+            hint = ("; that is long: --epochs 2 --subset 2000 checks the pipeline in minutes, "
+                    "and a GPU trains much faster" if whole > 86400 and self.device.type == "cpu" else "")
+            print(f"{'' if not self.live else chr(10)}estimate: at {rate * self.batch_size:,.0f} img/s "
+                  f"the whole run of {self.total:,} steps takes about {format_seconds(whole)} on "
+                  f"{device_name(self.device)} (ETA {eta}){hint}", flush=True)
+
+    def end_epoch(self):
+        if self.live:
+            print("\r" + " " * 100 + "\r", end="")
+
+
+def run_epoch(run, epoch, first_step, sums, stop, progress):
+    """Train one epoch from first_step; sums (loss, correct, seen, seconds) accumulate in place.
+    Returns the next step (fewer than the epoch's steps when a stop was requested) and the lr."""
+    recipe, plan = run["recipe"], EpochPlan(run["recipe"].n_train, run["recipe"].batch_size,
+                                            run["recipe"].seed, epoch)
+    t0, step, lr = time.time(), first_step, 0.0
+    for images, labels in epoch_batches(recipe, plan, first_step, run["data"], run["workers"], run["device"]):
+        torch.default_generator.manual_seed(plan.mix_seeds[step])
+        images, targets = run["mix"](images, labels)                  # targets: (B, 10) probabilities
+        lr = one_cycle_lr((epoch * plan.steps + step + 1) / (recipe.epochs * plan.steps), recipe.lr)
+        result = train_step(run["net"], run["optimizer"], run["criterion"], images, targets, lr,
+                            run["amp"], recipe.clip)
+        if result is None:
+            last = run["out"] / "last.pt"
+            kept = f"the last good checkpoint, {last}, was kept" if last.exists() else \
+                "no checkpoint had been written yet"
+            raise Fail(f"the loss became nan or inf at epoch {epoch + 1}, step {step + 1}; "
+                       f"stopped before updating the weights; {kept}")
+        step += 1
+        sums["loss"] += result[0] * len(images)
+        sums["correct"] += result[1]
+        sums["seen"] += len(images)
+        progress.step(epoch, step, result[0])
+        if stop.signum is not None:
+            break
+    sums["seconds"] += time.time() - t0
+    progress.end_epoch()
+    return step, lr
+
+
 def train(args):
-    start_time = time.time()
+    run = start_run(args)
+    recipe, out, stop = run["recipe"], run["out"], StopRequested()
+    epoch, step, sums = run["epoch"], run["step"], run["sums"]
+    progress = Progress(recipe, epoch * (recipe.n_train // recipe.batch_size) + step,
+                        args.progress_every, run["device"])
+    while epoch < recipe.epochs:
+        step, lr = run_epoch(run, epoch, step, sums, stop, progress)
+        if stop.signum is not None and step < recipe.n_train // recipe.batch_size:
+            save_last(run, epoch, step, sums)
+            raise Interrupted(stop.signum, out, epoch, step)
+        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
+                  "train_acc": 100.0 * sums["correct"] / sums["seen"], "lr": lr,
+                  "epoch_seconds": sums["seconds"], "images_per_second": sums["seen"] / sums["seconds"]}
+        # Test (and --val) accuracy now and then, for the curve; the result is the final epoch's.
+        if epoch + 1 == recipe.epochs or args.eval_every and (epoch + 1) % args.eval_every == 0:
+            record.update(accuracies(run))
+        write_log(out / "log.jsonl", record)
+        epoch, step, sums = epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        save_last(run, epoch, 0, sums)
+        print(f"epoch {epoch:3d}/{recipe.epochs}  loss {record['train_loss']:.4f}  "
+              f"train {record['train_acc']:5.2f}%  "
+              + "".join(f"{k[:-4]} {record[k]:5.2f}%  " for k in ("test_acc", "val_acc") if k in record)
+              + f"lr {lr:.5f}  {record['epoch_seconds']:.1f} s  "
+              f"{record['images_per_second']:,.0f} img/s", flush=True)
+        if stop.signum is not None and epoch < recipe.epochs:   # after the last: finish, seconds
+            raise Interrupted(stop.signum, out, epoch, 0)
+    return finish_run(run)
+
+
+def start_run(args):
+    """Everything a run needs, new or resumed from --out's last.pt: recipe, data, model, files."""
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
                            f"_convmixer_{args.hdim}_{args.depth}_k{args.ksize}_p{args.psize}")
     device = torch.device(args.device)
-    state = None
-    if args.resume:
-        if not (out / "last.pt").exists():
-            raise Fail(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
-        if not (out / "log.jsonl").exists():
-            raise Fail(f"--resume: {out / 'log.jsonl'} does not exist; is {out} a run of train_cifar.py?")
-        state = read_checkpoint(out / "last.pt", "--resume")
-        cfg = state["recipe"]
-        missing = [k for k in RECIPE_KEYS if k not in cfg]
-        if missing:
-            raise Fail(f"--resume: {out / 'last.pt'} was written by an older train_cifar.py, whose "
-                       f"recipe lacks {', '.join(missing)}; this version cannot continue it")
-        log_records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
-                       if line.strip()]
-        if state["epoch"] < cfg["epochs"]:
-            print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
-                  f"(the recipe is taken from last.pt)")
-        elif any(r.get("final") for r in log_records):
-            raise Fail(f"--resume: the run in {out} has already finished all its epochs")
-        else:       # stopped between the last epoch and the final evaluation: do that now
-            print(f"resuming {out}: all {cfg['epochs']} epochs are done; final evaluation and model.pt")
+    state = read_resume_state(out) if args.resume else None
+    recipe = argparse.Namespace(**(state["recipe"] if state else {k: getattr(args, k) for k in RECIPE_KEYS}))
+    torch.manual_seed(recipe.seed)
+    if recipe.fake_data:
+        (train_x, train_y), test = (load_fake(recipe.fake_data, t, recipe.seed) for t in (True, False))
     else:
-        cfg = {k: getattr(args, k) for k in RECIPE_KEYS}
-    amp = cfg["amp"] and device.type == "cuda"
-    torch.manual_seed(cfg["seed"])
+        (train_x, train_y), test = (load_cifar10(args.data, train=t) for t in (True, False))
+    n_all = len(train_x)
+    val = (train_x[n_all - recipe.val:], train_y[n_all - recipe.val:])    # the last --val images
+    model, net = prepare_model(recipe, device)
+    run = {"recipe": recipe, "out": out, "device": device, "workers": args.workers, "model": model,
+           "net": net, "optimizer": make_optimizer(model, recipe), "mix": batch_mixing(recipe),
+           "criterion": nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+           "amp": recipe.amp and device.type == "cuda", "test": test, "val": val if recipe.val else None,
+           "data": training_data(recipe, train_x[:recipe.n_train], train_y[:recipe.n_train], device),
+           "epoch": 0, "step": 0, "sums": {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0},
+           "wall_before": 0.0, "start_time": time.time()}
+    try:       # only now: a missing data set leaves no half-made run
+        out.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            write_log(out / "log.jsonl", {"config": vars(recipe), "versions": {
+                "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "python": platform.python_version()}, "device": device_name(device),
+                "n_params": sum(p.numel() for p in model.parameters()), "argv": sys.argv}, mode="w")
+        else:
+            model.load_state_dict(state["state_dict"])
+            run["optimizer"].load_state_dict(state["optimizer"])
+            run.update(epoch=state["epoch"], step=state["step"], sums=state["sums"],
+                       wall_before=state["wall_seconds"])
+            rewrite_log_for_resume(out / "log.jsonl", state["epoch"], state["step"], device)
+    except OSError as e:
+        raise Fail(f"--out {out}: cannot write there ({e.strerror}: {e.filename})") from None
+    print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {recipe.n_train:,} training "
+          f"images, {recipe.n_train // recipe.batch_size} steps/epoch, {recipe.epochs} epoch"
+          f"{'s' * (recipe.epochs != 1)} on {device_name(device)}"
+          f"{' (fast path)' if recipe.fast else ''}; writing to {out}", flush=True)
+    return run
 
-    # Data
-    if cfg["fake_data"]:
-        train_images, train_labels = load_fake(cfg["fake_data"], True, cfg["seed"])
-        test_images, test_labels = load_fake(cfg["fake_data"], False, cfg["seed"])
-    else:
-        train_images, train_labels = load_cifar10(args.data, train=True)
-        test_images, test_labels = load_cifar10(args.data, train=False)
-    n_all = len(train_images)
-    val_images, val_labels = train_images[n_all - cfg["val"]:], train_labels[n_all - cfg["val"]:]
-    data = training_data(cfg, train_images[:cfg["n_train"]], train_labels[:cfg["n_train"]], device)
-    mix = batch_mixing(argparse.Namespace(**cfg))
-    out.mkdir(parents=True, exist_ok=True)      # only now: a missing data set leaves no half-made run
 
-    # Model and optimizer
-    model, net = prepare_model(cfg, device)
-    optimizer = make_optimizer(model, argparse.Namespace(**cfg))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    steps_per_epoch = cfg["n_train"] // cfg["batch_size"]
-    total_steps = cfg["epochs"] * steps_per_epoch
-    epoch, first_step, wall_before = 0, 0, 0.0
-    sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, first_step, sums, wall_before = state["epoch"], state["step"], state["sums"], state["wall_seconds"]
-
-    start_epoch = epoch
-    log_path = out / "log.jsonl"
-    if state is None:
-        write_log(log_path, {"config": cfg, "versions": {"torch": torch.__version__,
-                  "torchvision": torchvision.__version__, "python": platform.python_version()},
-                  "device": device_name(device), "n_params": sum(p.numel() for p in model.parameters()),
-                  "argv": sys.argv}, mode="w")
-    else:
-        # Drop epoch lines written after last.pt (a kill between the two writes), then say so.
-        keep = [r for r in log_records if not r.get("final")
-                and not ("train_loss" in r and r["epoch"] > epoch)]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        write_log(log_path, {"resumed": True, "epoch": epoch + 1, "step": first_step,
-                             "device": device_name(device), "torch": torch.__version__})
-
-    print(f"ConvMixer-{cfg['hdim']}/{cfg['depth']} k{cfg['ksize']} p{cfg['psize']}: "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg['n_train']:,} training "
-          f"images, {steps_per_epoch} steps/epoch, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)} "
-          f"on {device_name(device)}"
-          f"{' (fast path)' if cfg['fast'] else ''}; writing to {out}")
-    stop = StopRequested()
-    live = sys.stdout.isatty()
-
-    def save_last(epoch, step, sums):
-        save_atomic({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "config": model_config(cfg), "recipe": cfg, "epoch": epoch, "step": step,
-                     "sums": sums, "wall_seconds": wall_before + time.time() - start_time},
-                    out / "last.pt")
-
-    net.train()
-    while epoch < cfg["epochs"]:
-        plan = EpochPlan(cfg["n_train"], cfg["batch_size"], cfg["seed"], epoch)
-        t0 = time.time()
-        step = first_step
-        for images, labels in epoch_batches(cfg, plan, first_step, data, args.workers, device):
-            torch.default_generator.manual_seed(plan.mix_seeds[step])
-            images, targets = mix(images, labels)                       # targets: (B, 10) probabilities
-            lr = one_cycle_lr((epoch * steps_per_epoch + step + 1) / total_steps, cfg["lr"])
-            result = train_step(net, optimizer, criterion, images, targets, lr, amp, cfg["clip"])
-            if result is None:
-                kept = (f"the last good checkpoint, {out / 'last.pt'}, was kept" if (out / "last.pt").exists()
-                        else "no checkpoint had been written yet")
-                raise Fail(f"the loss became nan or inf at epoch {epoch + 1}, step {step + 1}; "
-                           f"stopped before updating the weights; {kept}")
-            loss, correct = result
-            step += 1
-            sums["loss"] += loss * len(images)
-            sums["correct"] += correct
-            sums["seen"] += len(images)
-            if live:
-                seconds = sums["seconds"] + time.time() - t0
-                print(f"\r  epoch {epoch + 1} step {step}/{steps_per_epoch}  loss {loss:.3f}  "
-                      f"{sums['seen'] / max(seconds, 1e-9):,.0f} img/s ", end="", flush=True)
-            if stop.signum is not None:
-                break
-        sums["seconds"] += time.time() - t0
-        if live:
-            print("\r" + " " * 70 + "\r", end="")
-        if stop.signum is not None and step < steps_per_epoch:
-            save_last(epoch, step, sums)
-            raise Interrupted(stop.signum, out, epoch, step)
-
-        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
-                  "train_acc": 100.0 * sums["correct"] / sums["seen"],
-                  "lr": lr, "epoch_seconds": sums["seconds"],
-                  "images_per_second": sums["seen"] / sums["seconds"]}
-        # Test (and --val) accuracy now and then, for the curve; the result is the final epoch's.
-        if epoch + 1 == cfg["epochs"] or args.eval_every and (epoch + 1) % args.eval_every == 0:
-            record["test_acc"] = evaluate(model, test_images, test_labels, device, amp)
-            if cfg["val"]:
-                record["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
-        write_log(log_path, record)
-        epoch, first_step = epoch + 1, 0
-        sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
-        save_last(epoch, 0, sums)
-        eta = (time.time() - start_time) / (epoch - start_epoch) * (cfg["epochs"] - epoch)
-        print(f"epoch {epoch:3d}/{cfg['epochs']}  loss {record['train_loss']:.4f}  "
-              f"train {record['train_acc']:5.2f}%  "
-              + "".join(f"{name} {record[f'{name}_acc']:5.2f}%  " for name in ("test", "val")
-                        if f"{name}_acc" in record)
-              + f"lr {lr:.5f}  {record['epoch_seconds']:.1f} s  "
-              f"{record['images_per_second']:,.0f} img/s  ETA {format_seconds(eta)}", flush=True)
-        if stop.signum is not None and epoch < cfg["epochs"]:   # after the last: finish, seconds
-            raise Interrupted(stop.signum, out, epoch, 0)
-
-    test_acc = evaluate(model, test_images, test_labels, device, amp)
-    tta_acc = evaluate(model, test_images, test_labels, device, amp, flip_tta=True)
-    wall = wall_before + time.time() - start_time
-    save_atomic({"state_dict": model.state_dict(), "config": model_config(cfg)}, out / "model.pt")
+def finish_run(run):
+    recipe, out, model = run["recipe"], run["out"], run["model"]
+    test_acc = evaluate(model, *run["test"], run["device"], run["amp"])
+    tta_acc = evaluate(model, *run["test"], run["device"], run["amp"], flip_tta=True)
+    wall = run["wall_before"] + time.time() - run["start_time"]
+    save_atomic({"state_dict": model.state_dict(), "config": model_config(recipe)}, out / "model.pt")
     final = {"final": True, "test_acc": test_acc, "test_acc_flip_tta": tta_acc,
-             "wall_seconds": wall, "device": device_name(device)}
-    if cfg["val"]:
-        final["val_acc"] = evaluate(model, val_images, val_labels, device, amp)
-    write_log(log_path, final)
-    print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {cfg['epochs']} "
-          f"epoch{'s' * (cfg['epochs'] != 1)}, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
+             "wall_seconds": wall, "device": device_name(run["device"])}
+    if run["val"]:
+        final["val_acc"] = evaluate(model, *run["val"], run["device"], run["amp"])
+    write_log(out / "log.jsonl", final)
+    print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {recipe.epochs} "
+          f"epoch{'s' * (recipe.epochs != 1)}, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
     return final
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop stops between steps and saves. A second ^C quits now."""
 
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
 
-def depthwise_breakdown(args, device, amp, repeats=20):
-    """Milliseconds for one depthwise layer of this config, nn.Conv2d vs each Triton algorithm
-    ("toeplitz" with stacks of 32 rows, the default fast_depthwise.TOEPLITZ_ROWS, and 256):
-    forward, and forward + backward (input and weight gradients)."""
-    import fast_depthwise
-    side = 32 // args.psize
-    conv = nn.Conv2d(args.hdim, args.hdim, args.ksize, groups=args.hdim, padding="same").to(device)
-    x = torch.randn(args.batch_size, args.hdim, side, side, device=device, requires_grad=True)
-    timings = {}
-    default_rows = fast_depthwise.TOEPLITZ_ROWS
-    layers = [("native", conv, default_rows),
-              ("triton_direct", fast_depthwise.FastDepthwiseConv2d(conv, "direct"), default_rows)]
-    if side <= fast_depthwise.TOEPLITZ_MAX_WIDTH:
-        layers += [(f"triton_toeplitz_{rows}rows", fast_depthwise.FastDepthwiseConv2d(conv, "toeplitz"), rows)
-                   for rows in sorted({32, default_rows, 256})]
-
-    def milliseconds(layer, part):
-        def run():
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                y = layer(x)
-            if part == "forward_backward":
-                y.backward(torch.ones_like(y))
-        run()
-        synchronize(device)
-        t = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        synchronize(device)
-        return 1000 * (time.perf_counter() - t) / repeats
-
-    try:
-        for name, layer, rows in layers:
-            fast_depthwise.TOEPLITZ_ROWS = rows          # read at each launch
-            for part in ("forward", "forward_backward"):
-                timings[f"{name}_{part}"] = milliseconds(layer, part)
-    finally:
-        fast_depthwise.TOEPLITZ_ROWS = default_rows
-    print("one depthwise layer, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
-    return timings
-
-
-def profile_steps(run_steps, step_range, device, label, top=12):
-    """Where the time of a step goes, from torch.profiler over step_range: the `top` CUDA kernels
-    (on a CPU: operators) by their own time, and the sum over all of them, in ms per step."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    synchronize(device)
-    t = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
-        run_steps(step_range)
-        synchronize(device)
-    wall, n = time.perf_counter() - t, len(step_range)
-    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-    rows = sorted(((e.key, (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total)
-                    / 1000 / n) for e in prof.key_averages() if e.device_type == kind),
-                  key=lambda row: -row[1])
-    busy = sum(ms for _, ms in rows)
-    print(f"{label} path, profile of {n} steps: {busy:.2f} ms busy of {1000 * wall / n:.2f} ms per step "
-          f"(profiler on); top {'kernels' if device.type == 'cuda' else 'operators'}:")
-    for name, ms in rows[:top]:
-        print(f"    {ms:8.3f} ms  {100 * ms / max(busy, 1e-9):5.1f}%  {name[:100]}")
-    return {"steps": n, "wall_ms_per_step": 1000 * wall / n, "busy_ms_per_step": busy,
-            "top": [{"name": name[:200], "ms_per_step": ms} for name, ms in rows[:top]]}
-
-
-def benchmark(args):
-    """Training throughput of the plain and the fast path for one config, on synthetic data."""
-    device = torch.device(args.device)
-    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}_benchmark")
-    warmup = 10 if args.compile else 3
-    b = args.batch_size
-    # The profile covers as many steps as --fast augments at a time (16 at batch 512), so that
-    # it sees one augmentation call; at most --bench-steps.
-    profiled = min(args.bench_steps, max(1, AUGMENT_CHUNK_IMAGES // b))
-    steps = warmup + args.bench_steps + profiled
-    amp = args.amp and device.type == "cuda"
-    g = torch.Generator().manual_seed(args.seed)
-    images = torch.randint(0, 256, (steps * b, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, N_CLASSES, (steps * b,), generator=g)
-    plan = EpochPlan(steps * b, b, args.seed, 0)
-
-    def images_per_second(run_steps):
-        """Time run_steps(n) for `warmup` then `bench_steps` steps; images per second."""
-        run_steps(range(warmup))
-        synchronize(device)
-        t = time.perf_counter()
-        run_steps(range(warmup, warmup + args.bench_steps))
-        synchronize(device)
-        return args.bench_steps * b / (time.perf_counter() - t)
-
-    result = {"device": device_name(device), "torch": torch.__version__,
-              "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize,
-                         "psize": args.psize, "batch_size": b, "amp": amp, "compile": args.compile,
-                         "workers": args.workers}}
-    out.mkdir(parents=True, exist_ok=True)
-
-    def save():      # after each path: a run cut short by a time limit keeps what it measured
-        save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json",
-                    write=lambda text, path: path.write_text(text))
-
-    for path in ("fast", "plain"):       # fast first: the number a cut-short run must not lose
-        cfg = {k: getattr(args, k) for k in RECIPE_KEYS} | {"fast": path == "fast", "n_train": steps * b}
-        model, net = prepare_model(cfg, device)
-        optimizer = make_optimizer(model, args)
-        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        mix = batch_mixing(args)
-        data = training_data(cfg, images, labels, device)
-        batches = iter(epoch_batches(cfg, plan, 0, data, args.workers, device))
-
-        def whole_steps(step_range):                   # data, mixing, forward, backward, AdamW
-            for step in step_range:
-                x, y = next(batches)
-                x, target = mix(x, y)
-                train_step(net, optimizer, criterion, x, target, args.lr, amp, args.clip)
-
-        fixed_x, fixed_y = mix(*next(iter(epoch_batches(cfg, plan, 0, data, 0, device))))
-
-        def model_steps(step_range, check=True):       # the same batch again and again
-            for _ in step_range:
-                train_step(net, optimizer, criterion, fixed_x, fixed_y, args.lr, amp, args.clip, check)
-
-        result[f"{path}_img_s"] = images_per_second(whole_steps)
-        result[f"{path}_profile"] = profile_steps(whole_steps, range(steps - profiled, steps), device, path)
-        result[f"{path}_model_only_img_s"] = images_per_second(model_steps)
-        # Without the loss check's host sync the CPU can queue the next step while the GPU works.
-        result[f"{path}_model_only_no_sync_img_s"] = images_per_second(lambda r: model_steps(r, False))
-        if path == "fast":                              # its data path alone, as training runs it
-            def augment_epoch():
-                for _ in device_batches(plan, 0, data["images"], data["labels"], data["augment"]):
-                    pass
-
-            augment_epoch()
-            synchronize(device)
-            t = time.perf_counter()
-            augment_epoch()
-            synchronize(device)
-            result["fast_augment_only_img_s"] = plan.steps * b / (time.perf_counter() - t)
-        print(f"{path:5s}: {result[f'{path}_img_s']:9,.0f} img/s whole step, "
-              f"{result[f'{path}_model_only_img_s']:9,.0f} img/s model only "
-              f"({result[f'{path}_model_only_no_sync_img_s']:,.0f} without the host sync)", flush=True)
-        save()
-    result["speedup"] = result["fast_img_s"] / result["plain_img_s"]
-    print(f"fast/plain: {result['speedup']:.2f}x; augmentation alone (fast path): "
-          f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}; an epoch of "
-          f"CIFAR-10's {N_TRAIN_IMAGES:,} images: plain {N_TRAIN_IMAGES / result['plain_img_s']:.1f} s, "
-          f"fast {N_TRAIN_IMAGES / result['fast_img_s']:.1f} s (training only)")
-    if device.type == "cuda":
-        result["depthwise_ms"] = depthwise_breakdown(args, device, amp)
-    save()
-    print(f"wrote {out / 'benchmark.json'}")
-    return result
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt "
+              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
 
 
 class Interrupted(Exception):
@@ -780,11 +611,33 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-def write_log(path, record, mode="a"):
-    with open(path, mode) as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000):
+    """Accuracy (%) of `model` on uint8 images; with flip_tta, logits of x and its mirror added."""
+    model.eval()
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        x = (x.float() / 255 - mean) / std
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = model(x).float()
+            if flip_tta:
+                logits += model(x.flip(3)).float()            # (B, C, H, W): 3 is the width
+        correct += (logits.argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
+    model.train()
+    return 100.0 * correct / len(images)
+
+
+def accuracies(run):
+    result = {"test_acc": evaluate(run["model"], *run["test"], run["device"], run["amp"])}
+    if run["val"]:
+        result["val_acc"] = evaluate(run["model"], *run["val"], run["device"], run["amp"])
+    return result
 
 
 def evaluate_checkpoint(args):
@@ -794,21 +647,103 @@ def evaluate_checkpoint(args):
         model = build_model(config)
     except (KeyError, ValueError, TypeError) as e:
         raise Fail(f"--eval {args.eval}: its config does not describe a ConvMixer ({e})") from None
-    load_weights(model, ckpt["state_dict"], args.eval, "--eval")
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise Fail(f"--eval {args.eval}: its weights do not fit the model in its config "
+                   f"({' '.join(str(e).strip().splitlines()[:2])[:300]})") from None
     if list(config.get("mean", CIFAR10_MEAN)) != list(CIFAR10_MEAN) or \
             list(config.get("std", CIFAR10_STD)) != list(CIFAR10_STD):
         raise Fail(f"--eval {args.eval}: it was trained with another normalization than CIFAR-10's")
     device = torch.device(args.device)
-    model.to(device)
-    if args.fake_data:
-        images, labels = load_fake(args.fake_data, False, args.seed)
-    else:
-        images, labels = load_cifar10(args.data, train=False)
+    images, labels = load_fake(args.fake_data, False, args.seed) if args.fake_data else \
+        load_cifar10(args.data, train=False)
     amp = args.amp and device.type == "cuda"
-    acc = evaluate(model, images, labels, device, amp)
+    acc = evaluate(model.to(device), images, labels, device, amp)
     tta = evaluate(model, images, labels, device, amp, flip_tta=True)
     print(f"test accuracy {acc:.2f}% (flip-TTA {tta:.2f}%) on {len(images):,} images: {args.eval}")
     return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: checkpoints are replaced atomically, so a kill mid-write leaves the previous one intact.
+
+def save_atomic(obj, path, write=torch.save):
+    tmp = path.with_name(path.name + ".tmp")
+    write(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_last(run, epoch, step, sums):
+    save_atomic({"state_dict": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
+                 "config": model_config(run["recipe"]), "recipe": vars(run["recipe"]), "epoch": epoch,
+                 "step": step, "sums": sums,
+                 "wall_seconds": run["wall_before"] + time.time() - run["start_time"]},
+                run["out"] / "last.pt")
+
+
+def write_log(path, record, mode="a"):
+    with open(path, mode) as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_resume_state(out):
+    for name in ("last.pt", "log.jsonl"):
+        if not (out / name).exists():
+            raise Fail(f"--resume: {out / name} does not exist; is {out} a run of train_cifar.py?")
+    state = read_checkpoint(out / "last.pt", "--resume")
+    missing = [k for k in RECIPE_KEYS if k not in state.get("recipe", {})]
+    if missing:
+        raise Fail(f"--resume: {out / 'last.pt'} was written by an older train_cifar.py, whose "
+                   f"recipe lacks {', '.join(missing)}; this version cannot continue it")
+    epochs = state["recipe"]["epochs"]
+    if state["epoch"] < epochs:
+        print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
+              f"(the recipe is taken from last.pt)")
+    elif any(r.get("final") for r in read_log(out / "log.jsonl")):
+        raise Fail(f"--resume: the run in {out} has already finished all its epochs")
+    else:       # stopped between the last epoch and the final evaluation: do that now
+        print(f"resuming {out}: all {epochs} epochs are done; final evaluation and model.pt")
+    return state
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rewrite_log_for_resume(path, epoch, step, device):
+    """Drop epoch lines written after last.pt (a kill between the two writes), then say so."""
+    keep = [r for r in read_log(path)
+            if not r.get("final") and not ("train_loss" in r and r["epoch"] > epoch)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    write_log(path, {"resumed": True, "epoch": epoch + 1, "step": step,
+                     "device": device_name(device), "torch": torch.__version__})
+
+
+def read_checkpoint(path, flag):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise Fail(f"{flag} {path}: cannot read it as a checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise Fail(f"{flag} {path}: not a checkpoint written by train_cifar.py "
+                   f"(needs 'state_dict' and 'config')")
+    return ckpt
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_seconds(s):
+    s = int(s)
+    if s >= 86400:
+        return f"{s // 86400}d{s // 3600 % 24:02d}h"
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def main(argv=None):
@@ -817,6 +752,7 @@ def main(argv=None):
         if args.eval:
             evaluate_checkpoint(args)
         elif args.benchmark:
+            from fast.benchmark import benchmark
             benchmark(args)
         else:
             train(args)

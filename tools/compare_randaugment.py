@@ -1,17 +1,15 @@
 """How strongly train_cifar.py's RandAugment changes CIFAR-10 images, next to timm's, the paper's.
 
     pip install timm                       # for this comparison only; not a project dependency
-    python tools/compare_randaugment.py    # --n 5000 --data ./data --seed 0
+    python tools/compare_randaugment.py    # --n 3000 --data ./data --seeds 0 1 2 --skip-ops
 
 The paper's CIFAR-10 runs used timm's RandAugment "rand-m9-mstd0.5-inc1" (the settings quoted in
-the official repository's issue tracker). train_cifar.py builds it from torchvision's RandAugment
-instead (train_cifar.randaugment), and torchvision's defaults differ: a 0-30 magnitude scale
-where timm's is 0-10, and every drawn op applied where timm applies each with probability 0.5.
-This prints, for the first --n training images, how many come out of the RandAugment stage
-unchanged and the mean absolute pixel change per image (0-255 scale), for timm's transform, for
-train_cifar.py's, and for torchvision's RandAugment(num_ops=2, magnitude=9) with its defaults;
-then the mean change of each op on its own (applied to every image, random sign), timm's next to
-train_cifar.py's, which shows where the two still differ.
+the official repository's issue tracker); train_cifar.py writes the same ops with torchvision
+(train_cifar.RANDAUGMENT_OPS). This prints, for the first --n training images, how many come out
+of the RandAugment stage unchanged and the mean absolute pixel change per image (0-255 scale), for
+timm's transform, for train_cifar.py's, and for torchvision's RandAugment(num_ops=2, magnitude=9)
+with its defaults; then the mean change of each op on its own (applied to every image, magnitude
+N(9, 0.5), random sign), timm's next to train_cifar.py's.
 """
 import argparse
 import random
@@ -46,7 +44,7 @@ def timm_auto_augment():
 
 
 # As timm's transforms_factory sets RandAugment up for 32 x 32 training images with CIFAR-10's mean.
-TIMM_HPARAMS = dict(translate_const=int(32 * 0.45), img_mean=tuple(train_cifar.CIFAR10_MEAN_PIXEL))
+TIMM_HPARAMS = dict(translate_const=int(32 * 0.45), img_mean=tuple(int(v) for v in train_cifar.CIFAR10_MEAN_PIXEL))
 
 
 def on_tensor(pil_transform):
@@ -65,38 +63,37 @@ def mean_change(transform, images, seed):
 
 
 def each_op(images, seed):
-    """Mean change of every op of either RandAugment, applied alone to every image."""
+    """Mean change of every op, applied alone to every image: (timm, train_cifar.py) by name."""
     auto_augment = timm_auto_augment()
-    timm_ops = {name: on_tensor(auto_augment.AugmentOp(name, prob=1.0, magnitude=9,
-                                                       hparams=TIMM_HPARAMS | {"magnitude_std": 0.5}))
-                for name in auto_augment._RAND_INCREASING_TRANSFORMS}
-    ours = train_cifar.randaugment_op(train_cifar.parse_args(["--device", "cpu"]))
-
-    def our_op(name):
-        magnitudes, signed = ours._AUGMENTATION_SPACE[name]
-        m = magnitudes(ours.num_magnitude_bins, 32, 32)
-        m = 0.0 if m is None else float(m[ours.magnitude])
-        return lambda image: ours._apply_image_or_video_transform(
-            image, name, -m if signed and torch.rand(()) < 0.5 else m,
-            interpolation=ours.interpolation, fill=ours._fill)
-
-    # timm's "inc1" names and torchvision's for the same op
-    same = {"ColorIncreasing": "Color", "ContrastIncreasing": "Contrast",
-            "BrightnessIncreasing": "Brightness", "SharpnessIncreasing": "Sharpness",
-            "PosterizeIncreasing": "Posterize", "SolarizeIncreasing": "Solarize",
-            "TranslateXRel": "TranslateX", "TranslateYRel": "TranslateY"}
-    rows = {same.get(name, name): [mean_change(op, images, seed).mean().item(), None]
-            for name, op in timm_ops.items()}
-    for name in ours._AUGMENTATION_SPACE:
-        rows.setdefault(name, [None, None])[1] = mean_change(our_op(name), images, seed).mean().item()
+    rows = {}
+    for op in train_cifar.RANDAUGMENT_OPS:
+        theirs = on_tensor(auto_augment.AugmentOp(op.name, prob=1.0, magnitude=9,
+                                                  hparams=TIMM_HPARAMS | {"magnitude_std": 0.5}))
+        ours = train_cifar.RandAugment(num_ops=1, magnitude=9, magnitude_std=0.5, p=1.0)
+        rows[op.name] = [mean_change(theirs, images, seed).mean().item(),
+                         mean_change(only(ours, op), images, seed).mean().item()]
     return rows
+
+
+def only(stage, op):
+    """The stage with its op list narrowed to `op`."""
+    def run(image):
+        saved = train_cifar.RANDAUGMENT_OPS[:]
+        train_cifar.RANDAUGMENT_OPS[:] = [op]
+        try:
+            return stage(image)
+        finally:
+            train_cifar.RANDAUGMENT_OPS[:] = saved
+    return run
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=5000, help="how many training images")
+    p.add_argument("--n", type=int, default=3000, help="how many training images")
     p.add_argument("--data", default="./data", help="CIFAR-10 root (downloaded if missing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one table row per transform and seed, then the mean over the seeds")
+    p.add_argument("--skip-ops", action="store_true", help="leave out the table of single ops")
     args = p.parse_args()
     images, _ = train_cifar.load_cifar10(args.data, train=True)
     images = images[:args.n]
@@ -108,14 +105,25 @@ def main():
     }
     print(f"RandAugment stage alone on the first {len(images):,} CIFAR-10 training images "
           f"(torch {torch.__version__}, torchvision {torchvision.__version__})")
-    print(f"{'':48s} {'unchanged':>9s}  mean |change|  median   90th pct")
+    print(f"{'':48s} {'seed':>4s} {'unchanged':>9s}  mean |change|  median   90th pct")
     for name, transform in transforms.items():
-        change = mean_change(transform, images, args.seed)
-        print(f"{name:48s} {100 * (change == 0).float().mean():8.1f}%  {change.mean():12.2f}  "
-              f"{change.median():6.2f}  {change.quantile(0.9):9.2f}")
-    print("\nmean |change| of each op alone, at magnitude 9   timm   train_cifar.py")
-    for name, (theirs, ours) in each_op(images, args.seed).items():
-        print(f"    {name:44s} " + "  ".join(f"{v:6.2f}" if v is not None else "     -" for v in (theirs, ours)))
+        rows = []
+        for seed in args.seeds:
+            change = mean_change(transform, images, seed)
+            rows.append([100 * (change == 0).float().mean(), change.mean(), change.median(),
+                         change.quantile(0.9)])
+            print(f"{name:48s} {seed:4d} " + row(rows[-1]))
+        if len(args.seeds) > 1:
+            print(f"{name:48s} {'mean':>4s} " + row(torch.tensor(rows).mean(0)))
+    if not args.skip_ops:
+        print("\nmean |change| of each op alone, at magnitude 9   timm   train_cifar.py")
+        for name, (theirs, ours) in each_op(images, args.seeds[0]).items():
+            print(f"    {name:44s} {theirs:6.2f}  {ours:6.2f}")
+
+
+def row(values):
+    unchanged, mean, median, p90 = (float(v) for v in values)
+    return f"{unchanged:8.1f}%  {mean:12.2f}  {median:6.2f}  {p90:9.2f}"
 
 
 if __name__ == "__main__":

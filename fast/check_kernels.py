@@ -1,12 +1,12 @@
-"""Compile the Triton kernels of fast_depthwise.py for an H100 (sm_90) on any machine, and check them.
+"""Compile the Triton kernels of fast/depthwise.py for an H100 (sm_90) on any machine, and check them.
 
-    python tools/check_kernels.py          # no GPU needed; about a minute the first time, cached after
+    python fast/check_kernels.py           # no GPU needed; about a minute the first time, cached after
 
 Triton compiles for a named GPU target without that GPU being present (ptxas comes with Triton),
 so this finds what the CPU interpreter that runs the correctness tests cannot: code that does not
 compile for the GPU, registers spilled to local memory, more shared memory than an H100 block can
 have, and matrix products that do not become tensor-core instructions. It compiles exactly the
-launches fast_depthwise.py makes (forward_launch, weight_grad_launch) for the shapes below, with
+launches fast/depthwise.py makes (forward_launch, weight_grad_launch) for the shapes below, with
 the argument specializations Triton applies at run time (16-divisible sizes, 16-aligned pointers).
 
 One line per kernel: registers per thread, spilled bytes, shared memory, SASS instructions (the
@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import fast_depthwise  # noqa: E402
+from fast import depthwise as fast_depthwise  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 MAX_SHARED_BYTES = 227 * 1024                # per block on an H100

@@ -1,8 +1,8 @@
 """A faster depthwise convolution for ConvMixer's k x k spatial mixing, written in Triton.
 
-Why: PyTorch's native depthwise kernels take most of the GPU time of a ConvMixer training step
-(the profile of ConvMixer-256/8 k9 on an H100 in this project's issue tracker puts most of it in
-the weight gradient). The convolution itself is simple: each output pixel is the sum of k*k input
+Why: PyTorch's native depthwise kernels are slow for large kernels (the official ConvMixer
+repository calls them poorly optimized); `train_cifar.py --benchmark` profiles where a step's
+GPU time goes. The convolution itself is simple: each output pixel is the sum of k*k input
 pixels of the same channel, each times one weight:
 
     forward     y[b,c,i,j]  = bias[c] + sum_{u,v} w[c,u,v] * x[b,c, i+u-pad, j+v-pad]
@@ -32,7 +32,7 @@ input dtype. The ops are registered with torch.library, so torch.compile keeps t
 
 Tests: test_convmixer.py compares output and both gradients with nn.Conv2d; on a CPU it runs the
 same kernels in Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported).
-tools/check_kernels.py compiles the launches below for an H100 on any machine and checks for
+fast/check_kernels.py compiles the launches below for an H100 on any machine and checks for
 spilled registers, shared memory and tensor-core instructions (it runs in the tests too).
 """
 import functools
@@ -53,7 +53,7 @@ def _blocks(height, width, algorithm):
 
 
 # Wider rows make bigger tiles: compiled for an H100, the float32 kernels spill registers at
-# W = 64 and the bfloat16 ones at W = 128 (tools/check_kernels.py); "direct" takes those.
+# W = 64 and the bfloat16 ones at W = 128 (fast/check_kernels.py); "direct" takes those.
 TOEPLITZ_MAX_WIDTH = 32
 # "toeplitz" stacks the planes of several images (same channel) into one tile of this many rows
 # for 16-bit inputs, so that T_u is loaded once per stack and the weight gradient loads dy once.
@@ -210,7 +210,7 @@ def toeplitz_matrices(weight, pad_left, block_w, dtype):
 
 
 def forward_launch(x, weight, bias, y, pad_top, pad_left, algorithm):
-    """(kernel, grid, args, constexprs) that compute y = depthwise_conv(x) (tools/check_kernels.py
+    """(kernel, grid, args, constexprs) that compute y = depthwise_conv(x) (fast/check_kernels.py
     compiles the same launches for an H100)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
