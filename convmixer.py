@@ -17,7 +17,8 @@ place of self-attention (ViT) and of the token-mixing MLP (MLP-Mixer).
 `ConvMixer(...)` returns a plain `nn.Sequential` laid out exactly as in the paper's
 "280-character" model, so its `state_dict()` keys are the published ones. Weights saved with
 timm's ConvMixer (`stem.*`, `blocks.*`, `head.*`) load after `from_timm(state_dict)`;
-`to_timm(state_dict)` goes the other way.
+`to_timm(state_dict)` goes the other way. The presets load the released weights with
+`pretrained=True` (downloaded once into torch.hub's cache); hubconf.py offers them to torch.hub.
 
 This file imports only torch.
 """
@@ -104,25 +105,31 @@ def ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *,
     )
 
 
-# The published models, with the settings of their released weights (paper, Table 1 and
-# the official repository's README: ImageNet-1k top-1 81.37%, 80.16% and 79.45%).
+# The published models, with the settings of their released weights: ImageNet-1k top-1 81.37%,
+# 80.16% and 76.94% (as listed for these weights in mmclassification's ConvMixer README; the first
+# two also in the official one). pretrained=True loads the weights (PRETRAINED, below); with another
+# n_classes, all but the classifier, whose new head stays freshly initialized, as for fine-tuning.
 
-def convmixer_1536_20(n_classes=1000, **kwargs):
-    return ConvMixer(1536, 20, kernel_size=9, patch_size=7, n_classes=n_classes, **kwargs)
+def convmixer_1536_20(n_classes=1000, pretrained=False, progress=True, **kwargs):
+    model = ConvMixer(1536, 20, kernel_size=9, patch_size=7, n_classes=n_classes, **kwargs)
+    return load_pretrained(model, "convmixer_1536_20", progress) if pretrained else model
 
 
-def convmixer_768_32(n_classes=1000, **kwargs):
+def convmixer_768_32(n_classes=1000, pretrained=False, progress=True, **kwargs):
     kwargs.setdefault("activation", nn.ReLU)   # the released 768/32 weights were trained with ReLU
-    return ConvMixer(768, 32, kernel_size=7, patch_size=7, n_classes=n_classes, **kwargs)
+    model = ConvMixer(768, 32, kernel_size=7, patch_size=7, n_classes=n_classes, **kwargs)
+    return load_pretrained(model, "convmixer_768_32", progress) if pretrained else model
 
 
-def convmixer_1024_20(n_classes=1000, **kwargs):
-    return ConvMixer(1024, 20, kernel_size=9, patch_size=14, n_classes=n_classes, **kwargs)
+def convmixer_1024_20(n_classes=1000, pretrained=False, progress=True, **kwargs):
+    model = ConvMixer(1024, 20, kernel_size=9, patch_size=14, n_classes=n_classes, **kwargs)
+    return load_pretrained(model, "convmixer_1024_20", progress) if pretrained else model
 
 
-def convmixer_cifar10(**kwargs):
+def convmixer_cifar10(pretrained=False, progress=True, **kwargs):
     """ConvMixer-256/8, kernel 9, patch 1: the paper's CIFAR-10 model (Table 4: 96.03%)."""
-    return ConvMixer(256, 8, kernel_size=9, patch_size=1, n_classes=10, **kwargs)
+    model = ConvMixer(256, 8, kernel_size=9, patch_size=1, n_classes=10, **kwargs)
+    return load_pretrained(model, "convmixer_cifar10", progress) if pretrained else model
 
 
 # Weight conversion. timm names the same layers stem.{0,2}, blocks.{i}.{0.fn.0, 0.fn.2, 1, 3}
@@ -181,3 +188,85 @@ def to_timm(state_dict) -> dict:
             raise ValueError(f"to_timm: key {key!r} does not fit a ConvMixer of depth {depth}")
         converted[new_key] = value
     return converted
+
+
+# Released weights, and the preprocessing each set was evaluated with. The ImageNet-1k files are
+# the authors' timm training checkpoints; their URLs are those of timm's ConvMixer default configs
+# (timm/models/convmixer.py). No SHA-256 has been recorded for them yet, so none is checked: the
+# "sha256" of an entry, once known, is checked on download and named in the cached file.
+IMAGENET_EVAL = {"input_size": 224, "crop_pct": 0.96, "interpolation": "bicubic",
+                 "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+_RELEASES = "https://github.com/tmp-iclr/convmixer/releases/download/timm-v1.0/"
+PRETRAINED = {
+    "convmixer_1536_20": {"url": _RELEASES + "convmixer_1536_20_ks9_p7.pth.tar", "sha256": None,
+                          **IMAGENET_EVAL},
+    "convmixer_768_32": {"url": _RELEASES + "convmixer_768_32_ks7_p7_relu.pth.tar", "sha256": None,
+                         **IMAGENET_EVAL},
+    "convmixer_1024_20": {"url": _RELEASES + "convmixer_1024_20_ks9_p14.pth.tar", "sha256": None,
+                          **IMAGENET_EVAL},
+    "convmixer_cifar10": None,   # this repository's own, once a full training run is published
+}
+
+
+class _TrainingArgs:
+    """Stands in for the argparse.Namespace that timm's checkpoint saver stores as "args", so that
+    a release loads with weights_only=True, which unpickles nothing but tensors and plain data."""
+
+
+def load_pretrained(model: nn.Sequential, name: str, progress: bool = True) -> nn.Sequential:
+    """Load the released weights PRETRAINED[name] into `model` (the preset's architecture),
+    downloading them once into torch.hub's cache. Returns the model."""
+    spec = PRETRAINED.get(name)
+    if spec is None:
+        raise RuntimeError(f"{name}: no pretrained weights are published for it yet")
+    url, sha256 = spec["url"], spec["sha256"]
+    stem, _, ext = url.rsplit("/", 1)[-1].partition(".")
+    file_name = f"{stem}-{sha256[:12]}.{ext}" if sha256 else f"{stem}.{ext}"   # as torch.hub names them
+    cached = f"{torch.hub.get_dir()}/checkpoints/{file_name}"
+    try:
+        with torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
+            checkpoint = torch.hub.load_state_dict_from_url(
+                url, map_location="cpu", progress=progress, check_hash=bool(sha256),
+                file_name=file_name, weights_only=True)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if not _is_file(cached):      # the download failed; torch.hub keeps nothing half-written
+            raise RuntimeError(f"{name}: could not download {url} ({reason}). Without network, "
+                               f"download it elsewhere and put it at {cached}") from None
+        raise RuntimeError(f"{name}: {cached} (from {url}) cannot be read as a checkpoint ({reason}); "
+                           f"it may be truncated or corrupt: delete it to download it again") from None
+    try:
+        weights = from_timm(checkpoint)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"{name}: {cached} is not a ConvMixer checkpoint ({e})") from None
+    _load_matching(model, weights, f"{name}: {cached}")
+    return model
+
+
+def _is_file(path):
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _load_matching(model, weights, source):
+    """Load strictly, except a classifier of another size, which keeps its fresh initialization."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise RuntimeError(f"{source} does not fit this ConvMixer (missing keys {missing[:3]}, "
+                           f"unexpected keys {unexpected[:3]})")
+    head = f"{len(model) - 1}."                                  # the Linear classifier's keys
+    skipped = []
+    for key, value in weights.items():
+        if value.shape != own[key].shape:
+            if not key.startswith(head):
+                raise RuntimeError(f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint "
+                                   f"and {tuple(own[key].shape)} in the model")
+            skipped.append(key)
+    if skipped:
+        print(f"{source}: loaded all but the classifier ({weights[head + 'weight'].shape[0]} classes "
+              f"there, {own[head + 'weight'].shape[0]} here), which stays freshly initialized")
+    model.load_state_dict({k: v for k, v in weights.items() if k not in skipped}, strict=not skipped)

@@ -6,8 +6,9 @@
     python train_cifar.py --eval runs/<run>/model.pt            # test accuracy of a saved model
 
 The defaults are the authors' CIFAR-10 settings for timm (README, "The training recipe"); the paper
-reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence here so far: a
-2-epoch smoke test on a 2-thread CPU (README, Results); no full-length GPU run is recorded yet.
+reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence here so far, a
+smoke test: ConvMixer-32/2 k5 p2, 2 epochs on 2,000 images, 21.55% in 9.3 s on a 2-thread CPU
+(README, Results); no full-length GPU run is recorded yet.
 The file reads in the order of a run: settings, data and augmentation, model, optimizer, training
 loop, evaluation, files. Randomness is tied to (seed, epoch, image), so a run is the same with any
 --workers and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly. Writes to --out:
@@ -121,6 +122,15 @@ def check_args(args):
              ("ra_m", lambda v: 0 <= v <= 10, "be in [0, 10], timm's magnitude scale"),
              ("scale", lambda v: 0 < v <= 1, "be in (0, 1]"),
              ("subset", lambda v: v is None or v > 0, "be positive")]
+    rules += [("seed", lambda v: 0 <= v < 2**32, "be in [0, 2**32)"),      # and sizes beyond reason
+              ("hdim", lambda v: v <= 2**16, "be at most 65536"),
+              ("depth", lambda v: v <= 4096, "be at most 4096"),
+              ("epochs", lambda v: v <= 10**6, "be at most 1000000"),
+              ("ra_n", lambda v: v <= 100, "be at most 100"),
+              ("workers", lambda v: v <= 256, "be at most 256"),
+              ("fake_data", lambda v: v <= 10**6, "be at most 1000000")]
+    rules += [(name, math.isfinite, "be a finite number") for name, value in vars(args).items()
+              if isinstance(value, float)]
     for names, ok, rule in rules:
         for name in names.split():
             if not ok(getattr(args, name)):
@@ -129,6 +139,8 @@ def check_args(args):
     args.n_train = min(args.subset or n_available, n_available - args.val)
     problems = [
         (args.psize > 32, f"--psize {args.psize} is larger than the 32 x 32 CIFAR-10 images"),
+        (args.ksize >= 2 * (32 // max(args.psize, 1)), f"--ksize {args.ksize}: at --psize {args.psize} the "
+         f"patch grid is {32 // max(args.psize, 1)} wide, and a kernel of twice that sees only padding"),
         (args.val >= n_available, f"--val {args.val} leaves no training images (there are {n_available})"),
         ((args.subset or 0) > n_available - args.val, f"--subset {args.subset} is larger than the "
          f"{n_available - args.val} training images left after --val {args.val}"),
@@ -159,6 +171,8 @@ def check_args(args):
 def load_cifar10(root, train):
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed."""
     folder = Path(root) / "cifar-10-batches-py"
+    if Path(root).exists() and not Path(root).is_dir():
+        raise Fail(f"--data {root} is a file; give the folder that holds (or will hold) cifar-10-batches-py")
     try:
         ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
     except PermissionError as e:
@@ -466,124 +480,132 @@ class Progress:
             print("\r" + " " * 100 + "\r", end="")
 
 
-def run_epoch(run, epoch, first_step, sums, stop, progress):
-    """Train one epoch from first_step; sums (loss, correct, seen, seconds) accumulate in place.
-    Returns the next step (fewer than the epoch's steps when a stop was requested) and the lr."""
-    recipe, plan = run["recipe"], EpochPlan(run["recipe"].n_train, run["recipe"].batch_size,
-                                            run["recipe"].seed, epoch)
-    t0, step, lr = time.time(), first_step, 0.0
-    for images, labels in epoch_batches(recipe, plan, first_step, run["data"], run["workers"], run["device"]):
-        torch.default_generator.manual_seed(plan.mix_seeds[step])
-        images, targets = run["mix"](images, labels)                  # targets: (B, 10) probabilities
-        lr = one_cycle_lr((epoch * plan.steps + step + 1) / (recipe.epochs * plan.steps), recipe.lr)
-        result = train_step(run["net"], run["optimizer"], run["criterion"], images, targets, lr,
-                            run["amp"], recipe.clip)
-        if result is None:
-            last = run["out"] / "last.pt"
-            kept = f"the last good checkpoint, {last}, was kept" if last.exists() else \
-                "no checkpoint had been written yet"
-            raise Fail(f"the loss became nan or inf at epoch {epoch + 1}, step {step + 1}; "
-                       f"stopped before updating the weights; {kept}")
-        step += 1
-        sums["loss"] += result[0] * len(images)
-        sums["correct"] += result[1]
-        sums["seen"] += len(images)
-        progress.step(epoch, step, result[0])
-        if stop.signum is not None:
-            break
-    sums["seconds"] += time.time() - t0
-    progress.end_epoch()
-    return step, lr
+class Run:
+    """One training run in --out, new or resumed from its last.pt: recipe, data, model, optimizer,
+    and where it stands (epoch, step, running sums of the epoch so far)."""
+
+    def __init__(self, args):
+        self.out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+                                    f"_convmixer_{args.hdim}_{args.depth}_k{args.ksize}_p{args.psize}")
+        self.device, self.workers = torch.device(args.device), args.workers
+        state = read_resume_state(self.out) if args.resume else None
+        recipe = self.recipe = argparse.Namespace(
+            **(state["recipe"] if state else {k: getattr(args, k) for k in RECIPE_KEYS}))
+        torch.manual_seed(recipe.seed)
+        if recipe.fake_data:
+            (images, labels), self.test = (load_fake(recipe.fake_data, t, recipe.seed) for t in (True, False))
+        else:
+            (images, labels), self.test = (load_cifar10(args.data, train=t) for t in (True, False))
+        n = len(images)                                                 # --val: the last images
+        self.val = (images[n - recipe.val:], labels[n - recipe.val:]) if recipe.val else None
+        self.data = training_data(recipe, images[:recipe.n_train], labels[:recipe.n_train], self.device)
+        self.model, self.net = prepare_model(recipe, self.device)
+        self.optimizer, self.mix = make_optimizer(self.model, recipe), batch_mixing(recipe)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        self.amp = recipe.amp and self.device.type == "cuda"
+        self.steps_per_epoch = recipe.n_train // recipe.batch_size
+        self.epoch, self.step, self.wall_before, self.start_time = 0, 0, 0.0, time.time()
+        self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        try:       # only now: a missing data set leaves no half-made run
+            self.out.mkdir(parents=True, exist_ok=True)
+            if state is None:
+                write_log(self.out / "log.jsonl", {"config": vars(recipe), "versions": {
+                    "torch": torch.__version__, "torchvision": torchvision.__version__,
+                    "python": platform.python_version()}, "device": device_name(self.device),
+                    "n_params": sum(p.numel() for p in self.model.parameters()), "argv": sys.argv}, mode="w")
+            else:
+                self.model.load_state_dict(state["state_dict"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.epoch, self.step, self.sums = state["epoch"], state["step"], state["sums"]
+                self.wall_before = state["wall_seconds"]
+                rewrite_log_for_resume(self.out / "log.jsonl", self.epoch, self.step, self.device)
+        except OSError as e:
+            raise Fail(f"--out {self.out}: cannot write there ({e.strerror}: {e.filename})") from None
+        print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: "
+              f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {recipe.n_train:,} "
+              f"training images, {self.steps_per_epoch} steps/epoch, {recipe.epochs} epoch(s) on "
+              f"{device_name(self.device)}{' (fast path)' if recipe.fast else ''}; writing to {self.out}",
+              flush=True)
+
+    def train_epoch(self, stop, progress):
+        """Train the current epoch from the current step, until its end or a requested stop."""
+        recipe, sums = self.recipe, self.sums
+        plan = EpochPlan(recipe.n_train, recipe.batch_size, recipe.seed, self.epoch)
+        t0 = time.time()
+        for images, labels in epoch_batches(recipe, plan, self.step, self.data, self.workers, self.device):
+            torch.default_generator.manual_seed(plan.mix_seeds[self.step])
+            images, targets = self.mix(images, labels)                # targets: (B, 10) probabilities
+            self.lr = one_cycle_lr((self.epoch * plan.steps + self.step + 1) / (recipe.epochs * plan.steps),
+                                   recipe.lr)
+            result = train_step(self.net, self.optimizer, self.criterion, images, targets, self.lr,
+                                self.amp, recipe.clip)
+            if result is None:
+                last = self.out / "last.pt"
+                kept = f"the last good checkpoint, {last}, was kept" if last.exists() else \
+                    "no checkpoint had been written yet"
+                raise Fail(f"the loss became nan or inf at epoch {self.epoch + 1}, step {self.step + 1}; "
+                           f"stopped before updating the weights; {kept}")
+            self.step += 1
+            sums["loss"], sums["correct"] = sums["loss"] + result[0] * len(images), sums["correct"] + result[1]
+            sums["seen"] += len(images)
+            progress.step(self.epoch, self.step, result[0])
+            if stop.signum is not None:
+                break
+        sums["seconds"] += time.time() - t0
+        progress.end_epoch()
+
+    def accuracies(self, flip_tta=False):
+        """Test accuracy (and --val accuracy, when held out) of the model as it is now."""
+        result = {"test_acc": evaluate(self.model, *self.test, self.device, self.amp)}
+        if flip_tta:
+            result["test_acc_flip_tta"] = evaluate(self.model, *self.test, self.device, self.amp, True)
+        if self.val:
+            result["val_acc"] = evaluate(self.model, *self.val, self.device, self.amp)
+        return result
+
+    def save_last(self):
+        save_atomic({"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "config": model_config(self.recipe), "recipe": vars(self.recipe), "epoch": self.epoch,
+                     "step": self.step, "sums": self.sums, "wall_seconds": self.wall_seconds()},
+                    self.out / "last.pt")
+
+    def wall_seconds(self):
+        return self.wall_before + time.time() - self.start_time
 
 
 def train(args):
-    run = start_run(args)
-    recipe, out, stop = run["recipe"], run["out"], StopRequested()
-    epoch, step, sums = run["epoch"], run["step"], run["sums"]
-    progress = Progress(recipe, epoch * (recipe.n_train // recipe.batch_size) + step,
-                        args.progress_every, run["device"])
-    while epoch < recipe.epochs:
-        step, lr = run_epoch(run, epoch, step, sums, stop, progress)
-        if stop.signum is not None and step < recipe.n_train // recipe.batch_size:
-            save_last(run, epoch, step, sums)
-            raise Interrupted(stop.signum, out, epoch, step)
-        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["seen"],
-                  "train_acc": 100.0 * sums["correct"] / sums["seen"], "lr": lr,
+    run, stop = Run(args), StopRequested()
+    recipe = run.recipe
+    progress = Progress(recipe, run.epoch * run.steps_per_epoch + run.step, args.progress_every, run.device)
+    while run.epoch < recipe.epochs:
+        run.train_epoch(stop, progress)
+        if stop.signum is not None and run.step < run.steps_per_epoch:
+            run.save_last()
+            raise Interrupted(stop.signum, run.out, run.epoch, run.step)
+        sums, epoch = run.sums, run.epoch + 1
+        record = {"epoch": epoch, "train_loss": sums["loss"] / sums["seen"],
+                  "train_acc": 100.0 * sums["correct"] / sums["seen"], "lr": run.lr,
                   "epoch_seconds": sums["seconds"], "images_per_second": sums["seen"] / sums["seconds"]}
         # Test (and --val) accuracy now and then, for the curve; the result is the final epoch's.
-        if epoch + 1 == recipe.epochs or args.eval_every and (epoch + 1) % args.eval_every == 0:
-            record.update(accuracies(run))
-        write_log(out / "log.jsonl", record)
-        epoch, step, sums = epoch + 1, 0, {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
-        save_last(run, epoch, 0, sums)
+        if epoch == recipe.epochs or args.eval_every and epoch % args.eval_every == 0:
+            record.update(run.accuracies())
+        write_log(run.out / "log.jsonl", record)
+        run.epoch, run.step, run.sums = epoch, 0, {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        run.save_last()
         print(f"epoch {epoch:3d}/{recipe.epochs}  loss {record['train_loss']:.4f}  "
               f"train {record['train_acc']:5.2f}%  "
               + "".join(f"{k[:-4]} {record[k]:5.2f}%  " for k in ("test_acc", "val_acc") if k in record)
-              + f"lr {lr:.5f}  {record['epoch_seconds']:.1f} s  "
+              + f"lr {run.lr:.5f}  {record['epoch_seconds']:.1f} s  "
               f"{record['images_per_second']:,.0f} img/s", flush=True)
         if stop.signum is not None and epoch < recipe.epochs:   # after the last: finish, seconds
-            raise Interrupted(stop.signum, out, epoch, 0)
-    return finish_run(run)
-
-
-def start_run(args):
-    """Everything a run needs, new or resumed from --out's last.pt: recipe, data, model, files."""
-    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-                           f"_convmixer_{args.hdim}_{args.depth}_k{args.ksize}_p{args.psize}")
-    device = torch.device(args.device)
-    state = read_resume_state(out) if args.resume else None
-    recipe = argparse.Namespace(**(state["recipe"] if state else {k: getattr(args, k) for k in RECIPE_KEYS}))
-    torch.manual_seed(recipe.seed)
-    if recipe.fake_data:
-        (train_x, train_y), test = (load_fake(recipe.fake_data, t, recipe.seed) for t in (True, False))
-    else:
-        (train_x, train_y), test = (load_cifar10(args.data, train=t) for t in (True, False))
-    n_all = len(train_x)
-    val = (train_x[n_all - recipe.val:], train_y[n_all - recipe.val:])    # the last --val images
-    model, net = prepare_model(recipe, device)
-    run = {"recipe": recipe, "out": out, "device": device, "workers": args.workers, "model": model,
-           "net": net, "optimizer": make_optimizer(model, recipe), "mix": batch_mixing(recipe),
-           "criterion": nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
-           "amp": recipe.amp and device.type == "cuda", "test": test, "val": val if recipe.val else None,
-           "data": training_data(recipe, train_x[:recipe.n_train], train_y[:recipe.n_train], device),
-           "epoch": 0, "step": 0, "sums": {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0},
-           "wall_before": 0.0, "start_time": time.time()}
-    try:       # only now: a missing data set leaves no half-made run
-        out.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            write_log(out / "log.jsonl", {"config": vars(recipe), "versions": {
-                "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "python": platform.python_version()}, "device": device_name(device),
-                "n_params": sum(p.numel() for p in model.parameters()), "argv": sys.argv}, mode="w")
-        else:
-            model.load_state_dict(state["state_dict"])
-            run["optimizer"].load_state_dict(state["optimizer"])
-            run.update(epoch=state["epoch"], step=state["step"], sums=state["sums"],
-                       wall_before=state["wall_seconds"])
-            rewrite_log_for_resume(out / "log.jsonl", state["epoch"], state["step"], device)
-    except OSError as e:
-        raise Fail(f"--out {out}: cannot write there ({e.strerror}: {e.filename})") from None
-    print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; {recipe.n_train:,} training "
-          f"images, {recipe.n_train // recipe.batch_size} steps/epoch, {recipe.epochs} epoch"
-          f"{'s' * (recipe.epochs != 1)} on {device_name(device)}"
-          f"{' (fast path)' if recipe.fast else ''}; writing to {out}", flush=True)
-    return run
-
-
-def finish_run(run):
-    recipe, out, model = run["recipe"], run["out"], run["model"]
-    test_acc = evaluate(model, *run["test"], run["device"], run["amp"])
-    tta_acc = evaluate(model, *run["test"], run["device"], run["amp"], flip_tta=True)
-    wall = run["wall_before"] + time.time() - run["start_time"]
-    save_atomic({"state_dict": model.state_dict(), "config": model_config(recipe)}, out / "model.pt")
-    final = {"final": True, "test_acc": test_acc, "test_acc_flip_tta": tta_acc,
-             "wall_seconds": wall, "device": device_name(run["device"])}
-    if run["val"]:
-        final["val_acc"] = evaluate(model, *run["val"], run["device"], run["amp"])
-    write_log(out / "log.jsonl", final)
-    print(f"final test accuracy {test_acc:.2f}% (flip-TTA {tta_acc:.2f}%) after {recipe.epochs} "
-          f"epoch{'s' * (recipe.epochs != 1)}, {format_seconds(wall)} wall; model: {out / 'model.pt'}")
+            raise Interrupted(stop.signum, run.out, epoch, 0)
+    final = {"final": True, **run.accuracies(flip_tta=True), "wall_seconds": run.wall_seconds(),
+             "device": device_name(run.device)}
+    save_atomic({"state_dict": run.model.state_dict(), "config": model_config(recipe)}, run.out / "model.pt")
+    write_log(run.out / "log.jsonl", final)
+    print(f"final test accuracy {final['test_acc']:.2f}% (flip-TTA {final['test_acc_flip_tta']:.2f}%) "
+          f"after {recipe.epochs} epoch{'s' * (recipe.epochs != 1)}, "
+          f"{format_seconds(final['wall_seconds'])} wall; model: {run.out / 'model.pt'}")
     return final
 
 
@@ -633,13 +655,6 @@ def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000
     return 100.0 * correct / len(images)
 
 
-def accuracies(run):
-    result = {"test_acc": evaluate(run["model"], *run["test"], run["device"], run["amp"])}
-    if run["val"]:
-        result["val_acc"] = evaluate(run["model"], *run["val"], run["device"], run["amp"])
-    return result
-
-
 def evaluate_checkpoint(args):
     ckpt = read_checkpoint(args.eval, "--eval")
     config = ckpt["config"]
@@ -672,14 +687,6 @@ def save_atomic(obj, path, write=torch.save):
     tmp = path.with_name(path.name + ".tmp")
     write(obj, tmp)
     os.replace(tmp, path)
-
-
-def save_last(run, epoch, step, sums):
-    save_atomic({"state_dict": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
-                 "config": model_config(run["recipe"]), "recipe": vars(run["recipe"]), "epoch": epoch,
-                 "step": step, "sums": sums,
-                 "wall_seconds": run["wall_before"] + time.time() - run["start_time"]},
-                run["out"] / "last.pt")
 
 
 def write_log(path, record, mode="a"):

@@ -21,37 +21,37 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 [ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [short] [main]"; exit 2; }
-OUT=$1; shift
-mkdir -p "$OUT" || exit 2
+out_dir=$1; shift
+mkdir -p "$out_dir" || exit 2
 { nvidia-smi -L; python -c "import torch, torchvision, triton; print('torch', torch.__version__, \
-'torchvision', torchvision.__version__, 'triton', triton.__version__)"; } >> "$OUT/steps.txt" 2>&1
+'torchvision', torchvision.__version__, 'triton', triton.__version__)"; } >> "$out_dir/steps.txt" 2>&1
 status=0
 for step in "$@"; do
     start=$(date +%s)
     case "$step" in
     tests)
         timeout 300 python -m pytest -q -rs -k "fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only" \
-            test_convmixer.py > "$OUT/pytest_gpu.txt" 2>&1 || status=1 ;;
+            test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
         for compile in "" "--compile"; do
             timeout 300 python train_cifar.py --hdim 256 --depth 8 --ksize 9 --batch-size 512 --benchmark \
-                $compile --out "$OUT/bench${compile:+_compile}" >> "$OUT/bench.txt" 2>&1 || status=1
+                $compile --out "$out_dir/bench${compile:+_compile}" >> "$out_dir/bench.txt" 2>&1 || status=1
         done ;;
     short)
         python train_cifar.py --hdim 256 --depth 8 --ksize 5 --psize 2 --epochs 25 --batch-size 512 \
-            --fast --data data --out "$OUT/short" > "$OUT/short_console.txt" 2>&1 \
-            && rm -f "$OUT/short/last.pt" || status=1 ;;
+            --fast --data data --out "$out_dir/short" > "$out_dir/short_console.txt" 2>&1 \
+            && rm -f "$out_dir/short/last.pt" || status=1 ;;
     main)
-        run="$OUT/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}"
+        run="$out_dir/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}"
         resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
         limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM "$MAIN_SECONDS")
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags
         "${limit[@]}" python train_cifar.py --hdim 256 --depth 8 --ksize 9 ${MAIN_FLAGS:-} "${resume[@]}" \
-            --data data --out "$run" 2>&1 | tee -a "$OUT/main_console.txt"
+            --data data --out "$run" 2>&1 | tee -a "$out_dir/main_console.txt"
         [ "${PIPESTATUS[0]}" -eq 0 ] && rm -f "$run/last.pt" || status=1 ;;
     *)
         echo "unknown step $step (tests, bench, short, main)"; exit 2 ;;
     esac
-    echo "$step: $(( $(date +%s) - start )) s, status so far $status" | tee -a "$OUT/steps.txt"
+    echo "$step: $(( $(date +%s) - start )) s, status so far $status" | tee -a "$out_dir/steps.txt"
 done
 exit $status

@@ -1,0 +1,201 @@
+"""Mutation testing of the training recipe: does the test suite notice a small, realistic bug?
+
+    python tools/mutants.py                  # every mutant; about 15 minutes on 2 CPU cores
+    python tools/mutants.py --list           # their names and what each one breaks
+    python tools/mutants.py lr_per_epoch flip_tta_vertical
+
+Each mutant is one small edit of the project's code (a bug someone could plausibly write). For
+each, the project's tracked files are copied to a temporary folder, the edit is made there, and
+the tests that should notice it are run against the copy: "killed" if they fail, "SURVIVED" if
+they pass. First the same tests run on the unchanged copy, which must pass, so that a kill means
+the edit was noticed and not that the tests were broken already. Exits 1 if any mutant survives.
+The real CIFAR-10 is used when CIFAR10_ROOT (or ./data) holds it, as in the test suite.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Mutant(NamedTuple):
+    name: str
+    what: str            # the bug, in words
+    file: str
+    old: str             # must occur exactly once in `file`
+    new: str
+    tests: str           # pytest -k expression: the tests that should notice
+
+
+TRAINER_TESTS = "learning_rate or one_cycle or clipping or weight_decay or label_smoothed or val_is"
+AUGMENT_TESTS = "batch_augment_equals or samples_the_same_distribution or batched_ops"
+
+MUTANTS = [
+    # The trainer (train_cifar.py)
+    Mutant("flip_tta_vertical", "flip-TTA flips the image upside down", "train_cifar.py",
+           "model(x.flip(3))", "model(x.flip(2))", "flip_tta"),
+    Mutant("lr_per_epoch", "the learning rate is stepped once per epoch, not every step",
+           "train_cifar.py", "(self.epoch * plan.steps + self.step + 1)",
+           "(self.epoch * plan.steps + plan.steps)", "learning_rate"),
+    Mutant("lr_not_applied", "the scheduled learning rate never reaches the optimizer", "train_cifar.py",
+           '        group["lr"] = lr\n', "        pass\n", "learning_rate"),
+    Mutant("schedule_peak_late", "the one-cycle peak at 1/2 of training instead of 2/5",
+           "train_cifar.py", "(0.4, peak)", "(0.5, peak)", "one_cycle or learning_rate"),
+    Mutant("no_label_smoothing", "label smoothing removed", "train_cifar.py",
+           "nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)", "nn.CrossEntropyLoss()",
+           "label_smoothed"),
+    Mutant("decay_everything", "weight decay on biases and BatchNorm too", "train_cifar.py",
+           '{"params": no_decay, "weight_decay": 0.0}', '{"params": no_decay, "weight_decay": recipe.wd}',
+           "weight_decay"),
+    Mutant("adamw_eps_default", "AdamW's epsilon left at PyTorch's default", "train_cifar.py",
+           "lr=recipe.lr, eps=recipe.eps,", "lr=recipe.lr,", "weight_decay"),
+    Mutant("no_clipping", "gradient clipping removed", "train_cifar.py",
+           "    if clip > 0:\n", "    if False:\n", "clipping"),
+    Mutant("clip_not_passed", "the trainer never passes --clip to the step", "train_cifar.py",
+           "self.amp, recipe.clip)", "self.amp, 0.0)", "learning_rate"),
+    Mutant("val_from_the_front", "--val takes the first training images, which are trained on",
+           "train_cifar.py", "self.val = (images[n - recipe.val:], labels[n - recipe.val:])",
+           "self.val = (images[:recipe.val], labels[:recipe.val])", "val_is"),
+    Mutant("resume_without_batchnorm_stats", "resume restores the weights but not BatchNorm's statistics",
+           "train_cifar.py", 'self.model.load_state_dict(state["state_dict"])',
+           'self.model.load_state_dict({k: v for k, v in state["state_dict"].items() '
+           'if "running" not in k}, strict=False)', "interrupt_then_resume and plain"),
+    Mutant("no_mixing", "MixUp and CutMix never applied", "train_cifar.py",
+           "if alpha > 0]", "if alpha > 1e9]", "mixup_and_cutmix"),
+    Mutant("mix_alpha_one", "MixUp/CutMix alpha fixed at 1", "train_cifar.py",
+           "m(alpha=alpha, num_classes=N_CLASSES)", "m(alpha=1.0, num_classes=N_CLASSES)",
+           "mixup_and_cutmix"),
+    Mutant("no_shuffle", "the images in the same order every epoch", "train_cifar.py",
+           "self.order = torch.randperm(n_images, generator=g).tolist()",
+           "self.order = list(range(n_images))", "shuffles"),
+    Mutant("eval_in_train_mode", "evaluation with BatchNorm in training mode", "train_cifar.py",
+           "    model.eval()\n", "    pass\n", "eval_mode"),
+    Mutant("eval_leaves_eval_mode", "training goes on in eval mode after an evaluation", "train_cifar.py",
+           "    model.train()\n    return 100.0", "    return 100.0", "eval_mode"),
+    Mutant("always_mixup", "MixUp every batch, never CutMix", "train_cifar.py",
+           "    return v2.RandomChoice(mixers)", "    return mixers[0]", "chooses_mixup"),
+    Mutant("batch_128", "the default batch size 128, not the paper's 64", "train_cifar.py",
+           'add("--batch-size", type=int, default=64)', 'add("--batch-size", type=int, default=128)',
+           "defaults_are"),
+    Mutant("cpu_no_flip", "the per-image path never flips", "train_cifar.py",
+           "        v2.RandomHorizontalFlip(),\n", "", "cpu_transform_crops"),
+    Mutant("cpu_crop_scale", "the per-image crop scale 0.5-1", "train_cifar.py",
+           "v2.RandomResizedCrop(32, scale=(recipe.scale, 1.0)", "v2.RandomResizedCrop(32, scale=(0.5, 1.0)",
+           "cpu_transform_crops"),
+    Mutant("cpu_erasing_fixed", "the per-image erasing at p 0.5, whatever --reprob says", "train_cifar.py",
+           'v2.RandomErasing(p=recipe.reprob, value="random")', 'v2.RandomErasing(p=0.5, value="random")',
+           "cpu_transform_crops"),
+    # The batch augmentation (fast/augment.py)
+    Mutant("wrong_op", "every image gets the next op of the table, not the one it drew",
+           "fast/augment.py", "out[index] = BATCHED_OPS[spec.name](images[index], a, self.fill)",
+           "out[index] = BATCHED_OPS[self.ops[(g + 1) % skip].name](images[index], a, self.fill)",
+           AUGMENT_TESTS),
+    Mutant("vertical_flip", "a vertical instead of a horizontal flip", "fast/augment.py",
+           "x.flip(-1), x)", "x.flip(-2), x)", AUGMENT_TESTS),
+    Mutant("no_randaugment", "RandAugment dropped", "fast/augment.py",
+           "        for k in range(self.ra_n):\n            x = self.randaugment(",
+           "        for k in range(0):\n            x = self.randaugment(", AUGMENT_TESTS),
+    Mutant("one_op", "one RandAugment op per image instead of two", "fast/augment.py",
+           "        for k in range(self.ra_n):\n            x = self.randaugment(",
+           "        for k in range(1):\n            x = self.randaugment(", AUGMENT_TESTS),
+    Mutant("crop_scale_0_3", "crop scale 0.3-1 instead of 0.75-1", "fast/augment.py",
+           "self.scale, self.reprob = ops, size, (scale, 1.0), reprob",
+           "self.scale, self.reprob = ops, size, (0.3, 1.0), reprob", AUGMENT_TESTS),
+    Mutant("erasing_0_2", "erasing probability 0.2 instead of 0.25", "fast/augment.py",
+           "generator=generator, device=device) < self.reprob",
+           "generator=generator, device=device) < 0.2", AUGMENT_TESTS),
+    Mutant("ops_always_applied", "every drawn op applied (p 1 instead of 0.5)", "fast/augment.py",
+           'params[f"apply{k}"] = rand() < self.ra_p', 'params[f"apply{k}"] = rand() < 1.0',
+           AUGMENT_TESTS),
+    Mutant("no_magnitude_noise", "no noise on the magnitude", "fast/augment.py",
+           "(self.ra_m + self.ra_mstd * noise)", "(self.ra_m + 0.0 * noise)", AUGMENT_TESTS),
+    Mutant("never_negative", "signed ops never negated", "fast/augment.py",
+           "a = torch.where(negative[index], -a, a)", "a = a", AUGMENT_TESTS),
+    Mutant("bilinear_only", "crops always bilinear", "fast/augment.py",
+           "bicubic=rand() < 0.5", "bicubic=rand() < 0.0", AUGMENT_TESTS),
+    # The per-image RandAugment (train_cifar.py), the reference both paths follow
+    Mutant("ra_rotate_scale", "rotation on torchvision's 0-30 scale (9 degrees at m 9)", "train_cifar.py",
+           "lambda m: 30 * m / 10,", "lambda m: 10 * m / 10,", "randaugment_ops_are_timms"),
+    Mutant("ra_posterize_bits", "posterize keeps 4 bits at m 9", "train_cifar.py",
+           "lambda m: 4 - torch.floor(4 * m / 10)", "lambda m: 8 - torch.floor(4 * m / 10)",
+           "randaugment_ops_are_timms"),
+    Mutant("ra_p_ignored", "every drawn op applied on the CPU path", "train_cifar.py",
+           "            if torch.rand(()) >= self.p:\n", "            if False:\n", "draws_as_timm"),
+    Mutant("ra_no_noise", "no magnitude noise on the CPU path", "train_cifar.py",
+           "(self.magnitude + self.magnitude_std * torch.randn(()))", "(self.magnitude + 0 * torch.randn(()))",
+           "draws_as_timm"),
+]
+
+
+def copy_project(destination):
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+
+
+def run_tests(folder, expression):
+    env = dict(os.environ)
+    if "CIFAR10_ROOT" not in env and (ROOT / "data" / "cifar-10-batches-py").is_dir():
+        env["CIFAR10_ROOT"] = str(ROOT / "data")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", expression, "test_convmixer.py"], cwd=folder, env=env,
+                          capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return proc.returncode, summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        p.error(f"unknown mutant(s): {', '.join(sorted(unknown))} (see --list)")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32s} {m.what}  [{m.file}; tests: {m.tests}]")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / "clean"
+        copy_project(clean)
+        union = " or ".join(f"({m.tests})" for m in chosen)
+        code, summary = run_tests(clean, union)
+        print(f"unchanged code: {summary}", flush=True)
+        if code != 0:
+            print("the selected tests fail on the unchanged code; fix that first")
+            return 2
+        survived = []
+        for m in chosen:
+            folder = Path(tmp) / m.name
+            copy_project(folder)
+            source = (folder / m.file).read_text()
+            if source.count(m.old) != 1:
+                print(f"{m.name}: its text occurs {source.count(m.old)} times in {m.file}, not once; "
+                      f"update the mutant")
+                return 2
+            (folder / m.file).write_text(source.replace(m.old, m.new))
+            start = time.time()
+            code, summary = run_tests(folder, m.tests)
+            verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else f"error (pytest exit {code})"
+            print(f"{m.name:32s} {verdict:9s} {time.time() - start:5.0f} s  {m.what}  [{summary}]", flush=True)
+            if code != 1:
+                survived.append(m.name)
+            shutil.rmtree(folder)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants killed"
+          + (f"; not killed: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
