@@ -1021,6 +1021,20 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike(mixer):
     assert 0.75 < sum(alphas) / len(alphas) < 0.9
 
 
+def test_every_mutant_of_tools_mutants_still_applies_to_the_code():
+    """tools/mutants.py (run by hand: it takes minutes) edits the code by exact text; a change of
+    the code that its edits no longer match is caught here, in CI."""
+    sys.path.insert(0, str(HERE / "tools"))
+    try:
+        import mutants
+    finally:
+        sys.path.remove(str(HERE / "tools"))
+    assert len(mutants.MUTANTS) >= 20 and len({m.name for m in mutants.MUTANTS}) == len(mutants.MUTANTS)
+    for m in mutants.MUTANTS:
+        assert (HERE / m.file).read_text().count(m.old) == 1, m.name
+        assert m.old != m.new, m.name
+
+
 def test_benchmark_measures_both_paths(tmp_path):
     result = run_script("--hdim", "16", "--depth", "1", "--ksize", "3", "--psize", "4",
                         "--batch-size", "32", "--device", "cpu", "--workers", "0",

@@ -523,9 +523,9 @@ class Run:
             raise Fail(f"--out {self.out}: cannot write there ({e.strerror}: {e.filename})") from None
         print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: "
               f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {recipe.n_train:,} "
-              f"training images, {self.steps_per_epoch} steps/epoch, {recipe.epochs} epoch(s) on "
-              f"{device_name(self.device)}{' (fast path)' if recipe.fast else ''}; writing to {self.out}",
-              flush=True)
+              f"training images, {self.steps_per_epoch} steps/epoch, {recipe.epochs} "
+              f"epoch{'s' * (recipe.epochs != 1)} on {device_name(self.device)}"
+              f"{' (fast path)' if recipe.fast else ''}; writing to {self.out}", flush=True)
 
     def train_epoch(self, stop, progress):
         """Train the current epoch from the current step, until its end or a requested stop."""

@@ -43,6 +43,9 @@ for step in "$@"; do
             && rm -f "$out_dir/short/last.pt" || status=1 ;;
     main)
         run="$out_dir/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}"
+        if grep -qs '"final": true' "$run/log.jsonl"; then     # complete (stopped just after its end)
+            rm -f "$run/last.pt"; echo "main: $run is complete"; continue
+        fi
         resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
         limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM "$MAIN_SECONDS")
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags

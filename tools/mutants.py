@@ -1,6 +1,6 @@
 """Mutation testing of the training recipe: does the test suite notice a small, realistic bug?
 
-    python tools/mutants.py                  # every mutant; about 15 minutes on 2 CPU cores
+    python tools/mutants.py                  # every mutant; about 6 minutes on 2 CPU cores
     python tools/mutants.py --list           # their names and what each one breaks
     python tools/mutants.py lr_per_epoch flip_tta_vertical
 
