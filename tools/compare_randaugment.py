@@ -44,7 +44,8 @@ def timm_auto_augment():
 
 
 # As timm's transforms_factory sets RandAugment up for 32 x 32 training images with CIFAR-10's mean.
-TIMM_HPARAMS = dict(translate_const=int(32 * 0.45), img_mean=tuple(int(v) for v in train_cifar.CIFAR10_MEAN_PIXEL))
+TIMM_HPARAMS = dict(translate_const=int(32 * 0.45),
+                    img_mean=tuple(int(v) for v in train_cifar.CIFAR10_MEAN_PIXEL))
 
 
 def on_tensor(pil_transform):
