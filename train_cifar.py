@@ -504,7 +504,7 @@ class Run:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         self.amp = recipe.amp and self.device.type == "cuda"
         self.steps_per_epoch = recipe.n_train // recipe.batch_size
-        self.epoch, self.step, self.wall_before, self.start_time = 0, 0, 0.0, time.time()
+        self.epoch, self.step, self.lr, self.wall_before, self.start_time = 0, 0, 0.0, 0.0, time.time()
         self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         try:       # only now: a missing data set leaves no half-made run
             self.out.mkdir(parents=True, exist_ok=True)
