@@ -5,7 +5,7 @@
 #
 #   tests  the fast path's tests on the GPU: Triton kernels vs nn.Conv2d (float32 and bfloat16,
 #          batch up to 512), under torch.compile, and the batch augmentation vs the CPU path
-#          (OUT_DIR/pytest_gpu.txt)
+#          (OUT_DIR/pytest_gpu.txt; about 5 minutes on an H200)
 #   bench  train_cifar.py --benchmark for ConvMixer-256/8 k9 p1 at batch 512, eager and with
 #          --compile: plain vs fast whole step, model only, augmentation only, a profiled step,
 #          one depthwise layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt)
@@ -30,7 +30,7 @@ for step in "$@"; do
     start=$(date +%s)
     case "$step" in
     tests)
-        timeout 300 python -m pytest -q -rs -k "fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only" \
+        timeout 900 python -m pytest -q -rs --durations=10 -k "fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
         for compile in "" "--compile"; do
