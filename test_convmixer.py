@@ -777,14 +777,27 @@ def test_progress_lines_and_an_early_estimate_of_the_whole_run_in_a_log_file(tmp
 
 def test_a_cpu_run_that_would_take_days_says_so_and_points_to_the_quick_check(monkeypatch, capsys):
     import argparse
+    import time
     import train_cifar
     clock = iter([1000.0, 1010.0])                      # the first step takes 10 s
-    monkeypatch.setattr(train_cifar.time, "time", lambda: next(clock, 1010.0))
+    monkeypatch.setattr(time, "time", lambda: next(clock, 1010.0))
     recipe = argparse.Namespace(n_train=50_000, batch_size=64, epochs=200)
     progress = train_cifar.Progress(recipe, 0, every=5, device=torch.device("cpu"))
     progress.step(0, 1, 2.3)
     out = capsys.readouterr().out
     assert "156,200 steps takes about 18d01h" in out and "--epochs 2 --subset 2000" in out
+
+
+def test_train_cifar_reads_top_to_bottom_in_at_most_500_lines():
+    """The trainer stays a script to read: the housekeeping and the RandAugment table live in
+    trainer/, the speed code and the benchmark in fast/."""
+    import ast
+    source = (HERE / "train_cifar.py").read_text()
+    assert len(source.splitlines()) <= 500
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
+    too_long = [f.name for f in functions if f.end_lineno - f.lineno + 1 > 60 and f.name != "parse_args"]
+    assert not too_long
+    assert "profiler" not in source and "def benchmark" not in source
 
 
 def test_the_cuda_only_lines_run_on_a_cpu_bfloat16_autocast_and_fused_adamw():

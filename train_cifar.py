@@ -10,21 +10,18 @@ reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence
 (README, Results; results/): ConvMixer-256/8 k5 p2, 25 epochs at batch 512: 87.43% in 3m17s on an
 NVIDIA H200 (torch 2.11), 87.22% in 1m06s with --fast; the full 200-epoch run is not recorded yet.
 The file reads in the order of a run: settings, data and augmentation, model, optimizer, training
-loop, evaluation, files. Randomness is tied to (seed, epoch, image), so a run is the same with any
+loop, evaluation. Randomness is tied to (seed, epoch, image), so a run is the same with any
 --workers and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly. Writes to --out:
 log.jsonl (recipe, a line per epoch, result), model.pt (weights and config), last.pt (for --resume).
+In trainer/: the RandAugment op table, and the housekeeping (flag checks, files, progress, Ctrl-C).
 The optional speed code (--fast, --benchmark) is in fast/.
 """
 import argparse
-import json
 import math
 import os
-import platform
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
 
 import torch
 import torchvision
@@ -33,6 +30,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from convmixer import ConvMixer
+from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, check_args,
+                                  device_name, format_seconds, ignore_sigint, read_checkpoint,
+                                  read_resume_state, save_atomic, start_log, write_log)
+from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -45,21 +46,12 @@ RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", 
                "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
 
 
-class Fail(Exception):
-    """An error the user can fix; printed as one line, without a traceback."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Settings
-
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):              # the message names the flag; no usage block above it
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
+# Settings: the recipe's knobs; trainer/housekeeping.py checks every value (check_args).
 
 def parse_args(argv=None):
     p = OneLineErrors(prog="train_cifar.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument_group("model").add_argument
     add("--hdim", type=int, default=256, help="width (channels) h")
     add("--depth", type=int, default=8, help="number of ConvMixer blocks d")
@@ -107,62 +99,10 @@ def parse_args(argv=None):
     add("--bench-steps", type=int, default=30, help="timed steps per path")
     args = p.parse_args(argv)
     try:
-        check_args(args)
+        check_args(args, N_TRAIN_IMAGES)
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-def check_args(args):
-    """Raise ValueError naming the first flag whose value cannot work; sets args.n_train."""
-    rules = [("hdim depth ksize psize epochs batch_size bench_steps lr eps", lambda v: v > 0, "be positive"),
-             ("wd clip mixup cutmix workers val fake_data eval_every ra_n ra_mstd progress_every",
-              lambda v: v >= 0, "not be negative"),
-             ("reprob label_smoothing ra_p", lambda v: 0 <= v <= 1, "be in [0, 1]"),
-             ("ra_m", lambda v: 0 <= v <= 10, "be in [0, 10], timm's magnitude scale"),
-             ("scale", lambda v: 0 < v <= 1, "be in (0, 1]"),
-             ("subset", lambda v: v is None or v > 0, "be positive")]
-    rules += [("seed", lambda v: 0 <= v < 2**32, "be in [0, 2**32)"),      # and sizes beyond reason
-              ("hdim", lambda v: v <= 2**16, "be at most 65536"),
-              ("depth", lambda v: v <= 4096, "be at most 4096"),
-              ("epochs", lambda v: v <= 10**6, "be at most 1000000"),
-              ("ra_n", lambda v: v <= 100, "be at most 100"),
-              ("workers", lambda v: v <= 256, "be at most 256"),
-              ("fake_data", lambda v: v <= 10**6, "be at most 1000000")]
-    rules += [(name, math.isfinite, "be a finite number") for name, value in vars(args).items()
-              if isinstance(value, float)]
-    for names, ok, rule in rules:
-        for name in names.split():
-            if not ok(getattr(args, name)):
-                raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {getattr(args, name)}")
-    n_available = args.fake_data or N_TRAIN_IMAGES
-    args.n_train = min(args.subset or n_available, n_available - args.val)
-    problems = [
-        (args.psize > 32, f"--psize {args.psize} is larger than the 32 x 32 CIFAR-10 images"),
-        (args.ksize >= 2 * (32 // max(args.psize, 1)), f"--ksize {args.ksize}: at --psize {args.psize} the "
-         f"patch grid is {32 // max(args.psize, 1)} wide, and a kernel of twice that sees only padding"),
-        (args.val >= n_available, f"--val {args.val} leaves no training images (there are {n_available})"),
-        ((args.subset or 0) > n_available - args.val, f"--subset {args.subset} is larger than the "
-         f"{n_available - args.val} training images left after --val {args.val}"),
-        (not args.eval and not args.benchmark and args.n_train < args.batch_size,
-         f"--batch-size {args.batch_size} is larger than the {args.n_train} training images"),
-        (args.resume and not args.out, "--resume needs --out, the folder of the run to continue"),
-        (sum(map(bool, (args.resume, args.eval, args.benchmark))) > 1,
-         "--resume, --eval and --benchmark do not go together"),
-        (args.out and Path(args.out).exists() and not Path(args.out).is_dir(),
-         f"--out {args.out} is a file, not a folder; choose a folder"),
-        (args.out and not args.resume and not args.eval and Path(args.out).is_dir()
-         and any(Path(args.out).iterdir()), f"--out {args.out} already exists and is not empty; "
-         "add --resume to continue that run, or choose another folder")]
-    for bad, message in problems:
-        if bad:
-            raise ValueError(message)
-    try:
-        cuda = torch.device(args.device).type == "cuda"
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,87 +139,15 @@ def load_fake(n, train, seed):
     return images, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
-# RandAugment as timm's "rand-m9-mstd0.5-inc1", the paper's setting, written from timm's auto_augment.py:
-# 15 ops, each with its argument as a function of the magnitude m (0-10, drawn per op call around
-# --ra-m; the comments give m = 9); signed ones get a random sign. Geometric ops fill with the mean
-# colour, bilinear (timm draws bilinear or bicubic; torchvision's tensor affine has no bicubic).
-# The ops map uint8 (3, H, W) to the same; fast/augment.py has a batched twin of each.
-class RandAugmentOp(NamedTuple):
-    name: str
-    signed: bool
-    argument: Optional[Callable]           # m (a float tensor) -> the op's argument
-    apply: Callable                        # (image, argument) -> image
-
-
-def affine(x, angle=0.0, translate=(0.0, 0.0), shear=(0.0, 0.0), center=None):
-    return F.affine(x, angle=float(angle), translate=[float(t) for t in translate], scale=1.0,
-                    shear=[float(s) for s in shear], center=center,
-                    interpolation=v2.InterpolationMode.BILINEAR, fill=CIFAR10_MEAN_PIXEL)
-
-
-def shear(factor, axis):                   # timm shears by a factor, torchvision by an angle
-    degrees = math.degrees(math.atan(float(factor)))
-    return [degrees, 0.0] if axis == "x" else [0.0, degrees]
-
-
-def enhance_factor(a):                     # timm: 1 + signed argument, never below 0.1
-    return max(0.1, 1.0 + float(a))
-
-
-def solarize_add(x, add):                  # add to the pixels under 128, capped at 255
-    return torch.where(x < 128, (x.int() + int(add)).clamp(max=255), x).to(torch.uint8)
-
-
-Op = RandAugmentOp
-RANDAUGMENT_OPS = [
-    Op("AutoContrast", False, None, lambda x, a: F.autocontrast(x)),
-    Op("Equalize", False, None, lambda x, a: F.equalize(x)),
-    Op("Invert", False, None, lambda x, a: F.invert(x)),
-    Op("Rotate", True, lambda m: 30 * m / 10, lambda x, a: affine(x, angle=a)),         # +-27 degrees
-    Op("PosterizeIncreasing", False, lambda m: 4 - torch.floor(4 * m / 10),            # keep 1 bit
-       lambda x, a: F.posterize(x, bits=int(a))),                                       # (m 10: 0)
-    Op("SolarizeIncreasing", False, lambda m: 256 - torch.floor(256 * m / 10),         # invert >= 26
-       lambda x, a: F.solarize(x, threshold=float(a))),
-    Op("SolarizeAdd", False, lambda m: torch.floor(110 * m / 10), solarize_add),       # +99 below 128
-    Op("ColorIncreasing", True, lambda m: 9 * m / 100,                                 # 1 +- 0.81
-       lambda x, a: F.adjust_saturation(x, enhance_factor(a))),
-    Op("ContrastIncreasing", True, lambda m: 9 * m / 100,
-       lambda x, a: F.adjust_contrast(x, enhance_factor(a))),
-    Op("BrightnessIncreasing", True, lambda m: 9 * m / 100,
-       lambda x, a: F.adjust_brightness(x, enhance_factor(a))),
-    Op("SharpnessIncreasing", True, lambda m: 9 * m / 100,
-       lambda x, a: F.adjust_sharpness(x, enhance_factor(a))),
-    Op("ShearX", True, lambda m: 3 * m / 100,                                          # +-0.27
-       lambda x, a: affine(x, shear=shear(a, "x"), center=[0, 0])),
-    Op("ShearY", True, lambda m: 3 * m / 100, lambda x, a: affine(x, shear=shear(a, "y"), center=[0, 0])),
-    Op("TranslateXRel", True, lambda m: 45 * m / 1000,                                 # +-0.405 of the side
-       lambda x, a: affine(x, translate=(float(a) * x.shape[-1], 0.0))),
-    Op("TranslateYRel", True, lambda m: 45 * m / 1000,
-       lambda x, a: affine(x, translate=(0.0, float(a) * x.shape[-2]))),
-]
-
-
-class RandAugment:
-    """num_ops ops drawn uniformly (with replacement), each applied with probability p, at a
-    magnitude drawn per op from N(magnitude, magnitude_std), clipped to [0, 10]. Draws from
-    torch's default generator."""
-
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, p=0.5):
-        self.num_ops, self.magnitude, self.magnitude_std, self.p = num_ops, magnitude, magnitude_std, p
-
-    def __call__(self, image):
-        for _ in range(self.num_ops):
-            op = RANDAUGMENT_OPS[int(torch.randint(len(RANDAUGMENT_OPS), ()))]
-            if torch.rand(()) >= self.p:
-                continue
-            m = (self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, 10)
-            a = op.argument(m) if op.argument else None
-            image = op.apply(image, -a if op.signed and torch.rand(()) < 0.5 else a)
-        return image
+# RandAugment as timm's "rand-m9-mstd0.5-inc1", the paper's setting: trainer/randaugment.py holds its
+# table of 15 ops, each with its magnitude rule. Geometric ops fill with CIFAR-10's mean colour.
+RANDAUGMENT_OPS = randaugment_ops(fill=CIFAR10_MEAN_PIXEL)
 
 
 def randaugment(recipe):
-    return RandAugment(recipe.ra_n, recipe.ra_m, recipe.ra_mstd, recipe.ra_p)
+    """The RandAugment stage: a callable from a uint8 (3, H, W) image to one, drawing from torch's
+    default generator."""
+    return RandAugment(RANDAUGMENT_OPS, recipe.ra_n, recipe.ra_m, recipe.ra_mstd, recipe.ra_p)
 
 
 def train_transform(recipe):
@@ -340,11 +208,6 @@ class EpochPlan:
         b = self.batch_size
         return [[(self.order[j], self.image_seeds[j]) for j in range(s * b, (s + 1) * b)]
                 for s in range(first_step, self.steps)]
-
-
-def ignore_sigint(_):
-    """Data workers leave Ctrl-C to the main process, which stops cleanly between steps."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def training_data(recipe, images, labels, device):
@@ -442,44 +305,6 @@ def train_step(net, optimizer, criterion, images, targets, lr, amp, clip, check=
     return (loss_value, correct) if check else None
 
 
-class Progress:
-    """What a person sees while an epoch runs: on a terminal one line redrawn every step; in a
-    log file a line every --progress-every seconds; once, after that long, an estimate of the
-    whole run."""
-
-    def __init__(self, recipe, steps_done, every, device):
-        self.steps_per_epoch = recipe.n_train // recipe.batch_size
-        self.total = recipe.epochs * self.steps_per_epoch
-        self.batch_size, self.every, self.device = recipe.batch_size, every, device
-        self.live = sys.stdout.isatty()
-        self.start, self.start_steps = time.time(), steps_done
-        self.last_line, self.estimated = self.start, False
-
-    def step(self, epoch, step, loss):
-        now, done = time.time(), epoch * self.steps_per_epoch + step
-        rate = (done - self.start_steps) / max(now - self.start, 1e-9)          # steps per second
-        eta = format_seconds((self.total - done) / max(rate, 1e-9))
-        line = (f"  epoch {epoch + 1} step {step}/{self.steps_per_epoch}  loss {loss:.3f}  "
-                f"{rate * self.batch_size:,.0f} img/s  ETA {eta}")
-        if self.live:
-            print("\r" + line + " ", end="", flush=True)
-        elif now - self.last_line >= self.every:
-            print(line, flush=True)
-            self.last_line = now
-        if not self.estimated and now - self.start >= self.every:
-            self.estimated = True
-            whole = self.total / max(rate, 1e-9)
-            hint = ("; that is long: --epochs 2 --subset 2000 checks the pipeline in minutes, "
-                    "and a GPU trains much faster" if whole > 86400 and self.device.type == "cpu" else "")
-            print(f"{'' if not self.live else chr(10)}estimate: at {rate * self.batch_size:,.0f} img/s "
-                  f"the whole run of {self.total:,} steps takes about {format_seconds(whole)} on "
-                  f"{device_name(self.device)} (ETA {eta}){hint}", flush=True)
-
-    def end_epoch(self):
-        if self.live:
-            print("\r" + " " * 100 + "\r", end="")
-
-
 class Run:
     """One training run in --out, new or resumed from its last.pt: recipe, data, model, optimizer,
     and where it stands (epoch, step, running sums of the epoch so far)."""
@@ -488,7 +313,7 @@ class Run:
         self.out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
                                     f"_convmixer_{args.hdim}_{args.depth}_k{args.ksize}_p{args.psize}")
         self.device, self.workers = torch.device(args.device), args.workers
-        state = read_resume_state(self.out) if args.resume else None
+        state = read_resume_state(self.out, RECIPE_KEYS) if args.resume else None
         recipe = self.recipe = argparse.Namespace(
             **(state["recipe"] if state else {k: getattr(args, k) for k in RECIPE_KEYS}))
         torch.manual_seed(recipe.seed)
@@ -506,23 +331,16 @@ class Run:
         self.steps_per_epoch = recipe.n_train // recipe.batch_size
         self.epoch, self.step, self.lr, self.wall_before, self.start_time = 0, 0, 0.0, 0.0, time.time()
         self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
-        try:       # only now: a missing data set leaves no half-made run
-            self.out.mkdir(parents=True, exist_ok=True)
-            if state is None:
-                write_log(self.out / "log.jsonl", {"config": vars(recipe), "versions": {
-                    "torch": torch.__version__, "torchvision": torchvision.__version__,
-                    "python": platform.python_version()}, "device": device_name(self.device),
-                    "n_params": sum(p.numel() for p in self.model.parameters()), "argv": sys.argv}, mode="w")
-            else:
-                self.model.load_state_dict(state["state_dict"])
-                self.optimizer.load_state_dict(state["optimizer"])
-                self.epoch, self.step, self.sums = state["epoch"], state["step"], state["sums"]
-                self.wall_before = state["wall_seconds"]
-                rewrite_log_for_resume(self.out / "log.jsonl", self.epoch, self.step, self.device)
-        except OSError as e:
-            raise Fail(f"--out {self.out}: cannot write there ({e.strerror}: {e.filename})") from None
+        if state:                  # the weights, BatchNorm's statistics, AdamW's moments, the position
+            self.model.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.step, self.sums = state["epoch"], state["step"], state["sums"]
+            self.wall_before = state["wall_seconds"]
+        n_params = sum(p.numel() for p in self.model.parameters())
+        # --out is created only now, so that a missing data set leaves no half-made run behind.
+        start_log(self.out, vars(recipe), self.device, n_params, state)
         print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: "
-              f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {recipe.n_train:,} "
+              f"{n_params:,} parameters; {recipe.n_train:,} "
               f"training images, {self.steps_per_epoch} steps/epoch, {recipe.epochs} "
               f"epoch{'s' * (recipe.epochs != 1)} on {device_name(self.device)}"
               f"{' (fast path)' if recipe.fast else ''}; writing to {self.out}", flush=True)
@@ -609,30 +427,6 @@ def train(args):
     return final
 
 
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop stops between steps and saves. A second ^C quits now."""
-
-    def __init__(self):
-        self.signum = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt "
-              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
-
-
-class Interrupted(Exception):
-    def __init__(self, signum, out, epoch, step):
-        super().__init__(f"{signal.Signals(signum).name}: stopped at epoch {epoch + 1}, step {step}; "
-                         f"state saved to {out / 'last.pt'}. Continue with: "
-                         f"python train_cifar.py --resume --out {out}")
-        self.exit_code = 128 + signum
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -679,78 +473,6 @@ def evaluate_checkpoint(args):
     print(f"test accuracy {acc:.2f}% (flip-TTA {tta:.2f}%) on {len(images):,} images: {args.eval}")
     return acc
 
-
-# ---------------------------------------------------------------------------------------------
-# Files: checkpoints are replaced atomically, so a kill mid-write leaves the previous one intact.
-
-def save_atomic(obj, path, write=torch.save):
-    tmp = path.with_name(path.name + ".tmp")
-    write(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_log(path, record, mode="a"):
-    with open(path, mode) as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_resume_state(out):
-    for name in ("last.pt", "log.jsonl"):
-        if not (out / name).exists():
-            raise Fail(f"--resume: {out / name} does not exist; is {out} a run of train_cifar.py?")
-    state = read_checkpoint(out / "last.pt", "--resume")
-    missing = [k for k in RECIPE_KEYS if k not in state.get("recipe", {})]
-    if missing:
-        raise Fail(f"--resume: {out / 'last.pt'} was written by an older train_cifar.py, whose "
-                   f"recipe lacks {', '.join(missing)}; this version cannot continue it")
-    epochs = state["recipe"]["epochs"]
-    if state["epoch"] < epochs:
-        print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
-              f"(the recipe is taken from last.pt)")
-    elif any(r.get("final") for r in read_log(out / "log.jsonl")):
-        raise Fail(f"--resume: the run in {out} has already finished all its epochs")
-    else:       # stopped between the last epoch and the final evaluation: do that now
-        print(f"resuming {out}: all {epochs} epochs are done; final evaluation and model.pt")
-    return state
-
-
-def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def rewrite_log_for_resume(path, epoch, step, device):
-    """Drop epoch lines written after last.pt (a kill between the two writes), then say so."""
-    keep = [r for r in read_log(path)
-            if not r.get("final") and not ("train_loss" in r and r["epoch"] > epoch)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    write_log(path, {"resumed": True, "epoch": epoch + 1, "step": step,
-                     "device": device_name(device), "torch": torch.__version__})
-
-
-def read_checkpoint(path, flag):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise Fail(f"{flag} {path}: cannot read it as a checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise Fail(f"{flag} {path}: not a checkpoint written by train_cifar.py "
-                   f"(needs 'state_dict' and 'config')")
-    return ckpt
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def format_seconds(s):
-    s = int(s)
-    if s >= 86400:
-        return f"{s // 86400}d{s // 3600 % 24:02d}h"
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def main(argv=None):

@@ -107,7 +107,7 @@ def blend(images, degenerate, factor):
 
 
 def enhance_factor(a):
-    return (1 + a.double()).clamp(min=0.1)          # as train_cifar.enhance_factor
+    return (1 + a.double()).clamp(min=0.1)          # as trainer/randaugment.py's enhance_factor
 
 
 def sharpness(images, a):

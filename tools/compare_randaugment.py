@@ -5,10 +5,10 @@
 
 The paper's CIFAR-10 runs used timm's RandAugment "rand-m9-mstd0.5-inc1" (the settings quoted in
 the official repository's issue tracker); train_cifar.py writes the same ops with torchvision
-(train_cifar.RANDAUGMENT_OPS). This prints, for the first --n training images, how many come out
-of the RandAugment stage unchanged and the mean absolute pixel change per image (0-255 scale), for
-timm's transform, for train_cifar.py's, and for torchvision's RandAugment(num_ops=2, magnitude=9)
-with its defaults; then the mean change of each op on its own (applied to every image, magnitude
+(trainer/randaugment.py, used as train_cifar.RANDAUGMENT_OPS). This prints, for the first --n
+training images, how many come out of the RandAugment stage unchanged and the mean absolute pixel
+change per image (0-255 scale), for timm's transform, for train_cifar.py's, and for torchvision's
+RandAugment(num_ops=2, magnitude=9) with its defaults; then the mean change of each op on its own (applied to every image, magnitude
 N(9, 0.5), random sign), timm's next to train_cifar.py's.
 """
 import argparse
@@ -70,22 +70,10 @@ def each_op(images, seed):
     for op in train_cifar.RANDAUGMENT_OPS:
         theirs = on_tensor(auto_augment.AugmentOp(op.name, prob=1.0, magnitude=9,
                                                   hparams=TIMM_HPARAMS | {"magnitude_std": 0.5}))
-        ours = train_cifar.RandAugment(num_ops=1, magnitude=9, magnitude_std=0.5, p=1.0)
+        ours = train_cifar.RandAugment([op], num_ops=1, magnitude=9, magnitude_std=0.5, p=1.0)
         rows[op.name] = [mean_change(theirs, images, seed).mean().item(),
-                         mean_change(only(ours, op), images, seed).mean().item()]
+                         mean_change(ours, images, seed).mean().item()]
     return rows
-
-
-def only(stage, op):
-    """The stage with its op list narrowed to `op`."""
-    def run(image):
-        saved = train_cifar.RANDAUGMENT_OPS[:]
-        train_cifar.RANDAUGMENT_OPS[:] = [op]
-        try:
-            return stage(image)
-        finally:
-            train_cifar.RANDAUGMENT_OPS[:] = saved
-    return run
 
 
 def main():

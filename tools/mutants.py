@@ -120,14 +120,14 @@ MUTANTS = [
     Mutant("bilinear_only", "crops always bilinear", "fast/augment.py",
            "bicubic=rand() < 0.5", "bicubic=rand() < 0.0", AUGMENT_TESTS),
     # The per-image RandAugment (train_cifar.py), the reference both paths follow
-    Mutant("ra_rotate_scale", "rotation on torchvision's 0-30 scale (9 degrees at m 9)", "train_cifar.py",
+    Mutant("ra_rotate_scale", "rotation on torchvision's 0-30 scale (9 degrees at m 9)", "trainer/randaugment.py",
            "lambda m: 30 * m / 10,", "lambda m: 10 * m / 10,", "randaugment_ops_are_timms"),
-    Mutant("ra_posterize_bits", "posterize keeps 4 bits at m 9", "train_cifar.py",
+    Mutant("ra_posterize_bits", "posterize keeps 4 bits at m 9", "trainer/randaugment.py",
            "lambda m: 4 - torch.floor(4 * m / 10)", "lambda m: 8 - torch.floor(4 * m / 10)",
            "randaugment_ops_are_timms"),
-    Mutant("ra_p_ignored", "every drawn op applied on the CPU path", "train_cifar.py",
+    Mutant("ra_p_ignored", "every drawn op applied on the CPU path", "trainer/randaugment.py",
            "            if torch.rand(()) >= self.p:\n", "            if False:\n", "draws_as_timm"),
-    Mutant("ra_no_noise", "no magnitude noise on the CPU path", "train_cifar.py",
+    Mutant("ra_no_noise", "no magnitude noise on the CPU path", "trainer/randaugment.py",
            "(self.magnitude + self.magnitude_std * torch.randn(()))", "(self.magnitude + 0 * torch.randn(()))",
            "draws_as_timm"),
 ]
