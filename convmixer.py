@@ -18,7 +18,8 @@ place of self-attention (ViT) and of the token-mixing MLP (MLP-Mixer).
 "280-character" model, so its `state_dict()` keys are the published ones. Weights saved with
 timm's ConvMixer (`stem.*`, `blocks.*`, `head.*`) load after `from_timm(state_dict)`;
 `to_timm(state_dict)` goes the other way. The presets load the released weights with
-`pretrained=True` (downloaded once into torch.hub's cache); hubconf.py offers them to torch.hub.
+`pretrained=True` (downloaded once into torch.hub's cache, from the Hugging Face hub or, failing
+that, the authors' GitHub release); hubconf.py offers them to torch.hub.
 
 This file imports only torch.
 """
@@ -190,21 +191,33 @@ def to_timm(state_dict) -> dict:
     return converted
 
 
-# Released weights, and the preprocessing each set was evaluated with. The ImageNet-1k files are
-# the authors' timm training checkpoints; their URLs are those of timm's ConvMixer default configs
-# (timm/models/convmixer.py). No SHA-256 has been recorded for them yet, so none is checked: the
-# "sha256" of an entry, once known, is checked on download and named in the cached file.
+# Released weights, and the preprocessing each set was evaluated with: the authors' ImageNet-1k
+# weights, from two sources tried in turn. timm serves them from the Hugging Face hub today (a plain
+# state_dict in timm's key names); the GitHub release URLs, those of timm's earlier default configs,
+# hold the authors' timm training checkpoints. No SHA-256 has been recorded for them yet, so none is
+# checked: a source's "sha256", once known, is checked on download and named in the cached file.
 IMAGENET_EVAL = {"input_size": 224, "crop_pct": 0.96, "interpolation": "bicubic",
                  "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+_HUB = "https://huggingface.co/timm/{}/resolve/main/pytorch_model.bin"
 _RELEASES = "https://github.com/tmp-iclr/convmixer/releases/download/timm-v1.0/"
+
+
+def _sources(hub_repo, release_file):
+    return [{"url": _HUB.format(hub_repo), "file": f"{hub_repo.replace('.', '_')}.bin", "sha256": None},
+            {"url": _RELEASES + release_file, "sha256": None}]
+
+
 PRETRAINED = {
-    "convmixer_1536_20": {"url": _RELEASES + "convmixer_1536_20_ks9_p7.pth.tar", "sha256": None,
+    "convmixer_1536_20": {"sources": _sources("convmixer_1536_20.in1k", "convmixer_1536_20_ks9_p7.pth.tar"),
                           **IMAGENET_EVAL},
-    "convmixer_768_32": {"url": _RELEASES + "convmixer_768_32_ks7_p7_relu.pth.tar", "sha256": None,
+    "convmixer_768_32": {"sources": _sources("convmixer_768_32.in1k", "convmixer_768_32_ks7_p7_relu.pth.tar"),
                          **IMAGENET_EVAL},
-    "convmixer_1024_20": {"url": _RELEASES + "convmixer_1024_20_ks9_p14.pth.tar", "sha256": None,
-                          **IMAGENET_EVAL},
-    "convmixer_cifar10": None,   # this repository's own, once a full training run is published
+    "convmixer_1024_20": {"sources": _sources("convmixer_1024_20_ks9_p14.in1k",
+                                              "convmixer_1024_20_ks9_p14.pth.tar"), **IMAGENET_EVAL},
+    # This repository's own: the model.pt of train_cifar.py's 200-epoch run, committed beside this
+    # file (so torch.hub.load of the repository has it too). It has been published once it is there.
+    "convmixer_cifar10": {"checkout_file": "results/cifar10_convmixer_256_8_k9_p1/model.pt", "input_size": 32,
+                          "mean": (0.4914, 0.4822, 0.4465), "std": (0.2471, 0.2435, 0.2616)},
 }
 
 
@@ -213,33 +226,71 @@ class _TrainingArgs:
     a release loads with weights_only=True, which unpickles nothing but tensors and plain data."""
 
 
+def _cached_path(source):
+    """Where torch.hub keeps a source's file: its own name, with the SHA-256's start when known."""
+    name = source.get("file") or source["url"].rsplit("/", 1)[-1]
+    stem, _, ext = name.partition(".")
+    sha256 = source.get("sha256")
+    return f"{torch.hub.get_dir()}/checkpoints/{stem}-{sha256[:12]}.{ext}" if sha256 else \
+        f"{torch.hub.get_dir()}/checkpoints/{name}"
+
+
+def _download(source, progress):
+    """The checkpoint of one source, from torch.hub's cache or downloaded into it; raises on failure."""
+    with torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
+        return torch.hub.load_state_dict_from_url(
+            source["url"], map_location="cpu", progress=progress, check_hash=bool(source.get("sha256")),
+            file_name=_cached_path(source).rsplit("/", 1)[-1], weights_only=True)
+
+
 def load_pretrained(model: nn.Sequential, name: str, progress: bool = True) -> nn.Sequential:
-    """Load the released weights PRETRAINED[name] into `model` (the preset's architecture),
-    downloading them once into torch.hub's cache. Returns the model."""
+    """Load the released weights PRETRAINED[name] into `model` (the preset's architecture): from the
+    first source already in torch.hub's cache, else downloaded from the first source that answers.
+    Returns the model."""
     spec = PRETRAINED.get(name)
     if spec is None:
-        raise RuntimeError(f"{name}: no pretrained weights are published for it yet")
-    url, sha256 = spec["url"], spec["sha256"]
-    stem, _, ext = url.rsplit("/", 1)[-1].partition(".")
-    file_name = f"{stem}-{sha256[:12]}.{ext}" if sha256 else f"{stem}.{ext}"   # as torch.hub names them
-    cached = f"{torch.hub.get_dir()}/checkpoints/{file_name}"
-    try:
-        with torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
-            checkpoint = torch.hub.load_state_dict_from_url(
-                url, map_location="cpu", progress=progress, check_hash=bool(sha256),
-                file_name=file_name, weights_only=True)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-        if not _is_file(cached):      # the download failed; torch.hub keeps nothing half-written
-            raise RuntimeError(f"{name}: could not download {url} ({reason}). Without network, "
-                               f"download it elsewhere and put it at {cached}") from None
-        raise RuntimeError(f"{name}: {cached} (from {url}) cannot be read as a checkpoint ({reason}); "
-                           f"it may be truncated or corrupt: delete it to download it again") from None
+        raise RuntimeError(f"{name}: no pretrained weights are published for it")
+    if "checkout_file" in spec:
+        return _load_from_checkout(model, name, spec["checkout_file"])
+    sources = spec["sources"]
+    cached = [s for s in sources if _is_file(_cached_path(s))]
+    failures = []
+    for source in cached[:1] or sources:
+        path = _cached_path(source)
+        try:
+            checkpoint = _download(source, progress)
+            break
+        except Exception as e:
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            if _is_file(path):         # a file came (or was there) but cannot be read
+                raise RuntimeError(f"{name}: {path} (from {source['url']}) cannot be read as a checkpoint "
+                                   f"({reason}); it may be truncated or corrupt: delete it to download it "
+                                   f"again") from None
+            failures.append(f"{source['url']} ({reason})")  # torch.hub keeps nothing half-written
+    else:
+        where = " or ".join(_cached_path(s) for s in sources)
+        raise RuntimeError(f"{name}: could not download {' nor '.join(failures)}. Without network, "
+                           f"download one of them elsewhere and put it at {where}")
     try:
         weights = from_timm(checkpoint)
     except (ValueError, TypeError, AttributeError) as e:
-        raise RuntimeError(f"{name}: {cached} is not a ConvMixer checkpoint ({e})") from None
-    _load_matching(model, weights, f"{name}: {cached}")
+        raise RuntimeError(f"{name}: {path} is not a ConvMixer checkpoint ({e})") from None
+    _load_matching(model, weights, f"{name}: {path}")
+    return model
+
+
+def _load_from_checkout(model, name, relative_path):
+    """Weights that live in this repository, beside convmixer.py (a train_cifar.py model.pt)."""
+    folder = __file__[:max(__file__.rfind("/"), __file__.rfind("\\")) + 1]
+    path = folder + relative_path
+    if not _is_file(path):
+        raise RuntimeError(f"{name}: no pretrained weights are published for it yet ({path} is not there)")
+    try:
+        weights = from_timm(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise RuntimeError(f"{name}: {path} cannot be read as a checkpoint ({type(e).__name__}: "
+                           f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+    _load_matching(model, weights, f"{name}: {path}")
     return model
 
 

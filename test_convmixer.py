@@ -3,6 +3,7 @@
 Model tests use only torch. Trainer tests run train_cifar.py as a user would, on a small slice
 of the real CIFAR-10 when CIFAR10_ROOT (or ./data) holds it, else on torchvision's FakeData.
 """
+import errno
 import json
 import os
 import shutil
@@ -288,15 +289,21 @@ def timm_release(path, model, n_classes=1000):
 
 @pytest.fixture
 def release(tmp_path, monkeypatch):
-    """A small ConvMixer released as PRETRAINED["small"] at a file:// URL; torch.hub's cache in tmp."""
+    """A small ConvMixer released as PRETRAINED["small"] (one source, a file:// URL); torch.hub's
+    cache in tmp."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     torch.manual_seed(0)
     model = randomize_(ConvMixer(16, 2, 3, 4, n_classes=1000))
     path = tmp_path / "convmixer_small_ks3_p4.pth.tar"
     sha256 = timm_release(path, model)
-    spec = {"url": path.as_uri(), "sha256": sha256, **convmixer.IMAGENET_EVAL}
+    spec = {"sources": [{"url": path.as_uri(), "sha256": sha256}], **convmixer.IMAGENET_EVAL}
     monkeypatch.setitem(convmixer.PRETRAINED, "small", spec)
     return model.eval(), path, spec
+
+
+def with_source(spec, **changes):
+    """spec with its one source changed."""
+    return {**spec, "sources": [{**spec["sources"][0], **changes}]}
 
 
 def cached_files():
@@ -309,7 +316,7 @@ def test_pretrained_weights_load_once_and_give_the_released_outputs(release):
     x = torch.randn(2, 3, 32, 32)
     loaded = convmixer.load_pretrained(ConvMixer(16, 2, 3, 4), "small", progress=False).eval()
     assert torch.equal(loaded(x), model(x))
-    assert cached_files() == [f"convmixer_small_ks3_p4-{spec['sha256'][:12]}.pth.tar"]   # hash in the name
+    assert cached_files() == [f"convmixer_small_ks3_p4-{spec['sources'][0]['sha256'][:12]}.pth.tar"]  # hash
     path.unlink()                                                    # downloaded once: the cache serves
     again = convmixer.load_pretrained(ConvMixer(16, 2, 3, 4), "small", progress=False).eval()
     assert torch.equal(again(x), model(x))
@@ -317,7 +324,7 @@ def test_pretrained_weights_load_once_and_give_the_released_outputs(release):
 
 def test_pretrained_without_a_recorded_hash_is_cached_under_its_own_name(release, monkeypatch):
     model, path, spec = release
-    monkeypatch.setitem(convmixer.PRETRAINED, "small", {**spec, "sha256": None})
+    monkeypatch.setitem(convmixer.PRETRAINED, "small", with_source(spec, sha256=None))
     convmixer.load_pretrained(ConvMixer(16, 2, 3, 4), "small", progress=False)
     assert cached_files() == [path.name]
 
@@ -368,21 +375,22 @@ def test_pretrained_bad_downloads_fail_in_one_line_and_leave_nothing_behind(rele
     model, path, spec = release
     cases = []
     # No network: a local port that refuses connections.
-    cases.append(({**spec, "url": "http://127.0.0.1:9/convmixer_small_ks3_p4.pth.tar"},
+    cases.append((with_source(spec, url="http://127.0.0.1:9/convmixer_small_ks3_p4.pth.tar"),
                   "could not download http://127.0.0.1:9/", True))
     # A download cut short: its SHA-256 does not match; torch.hub keeps nothing half-written.
     server, url = serve_once(path.read_bytes()[:5000])
-    cases.append(({**spec, "url": url}, "invalid hash value", True))
+    cases.append((with_source(spec, url=url), "invalid hash value", True))
     # A wrong recorded hash.
-    cases.append(({**spec, "sha256": "0" * 64}, "invalid hash value", True))
+    cases.append((with_source(spec, sha256="0" * 64), "invalid hash value", True))
     # A file that is not a ConvMixer checkpoint.
     foreign = tmp_path / "foreign.pth.tar"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, foreign)
-    cases.append(({**spec, "url": foreign.as_uri(), "sha256": None}, "is not a ConvMixer checkpoint", False))
+    cases.append((with_source(spec, url=foreign.as_uri(), sha256=None), "is not a ConvMixer checkpoint",
+                  False))
     # A file that would run code when unpickled: weights_only refuses it.
     evil = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": {}, "payload": Residual(nn.Identity())}, evil)
-    cases.append(({**spec, "url": evil.as_uri(), "sha256": None}, "cannot be read as a checkpoint", False))
+    cases.append((with_source(spec, url=evil.as_uri(), sha256=None), "cannot be read as a checkpoint", False))
     try:
         for entry, expected, nothing_kept in cases:
             monkeypatch.setitem(convmixer.PRETRAINED, "small", entry)
@@ -390,7 +398,8 @@ def test_pretrained_bad_downloads_fail_in_one_line_and_leave_nothing_behind(rele
                 convmixer.load_pretrained(ConvMixer(16, 2, 3, 4), "small", progress=False)
             message = str(e.value)
             assert expected in message and "\n" not in message, message
-            assert entry["url"] in message or Path(torch.hub.get_dir()).as_posix() in message, message
+            assert entry["sources"][0]["url"] in message or Path(torch.hub.get_dir()).as_posix() in message, \
+                message
             if nothing_kept:
                 assert cached_files() == [], (expected, cached_files())
                 assert str(Path(torch.hub.get_dir()) / "checkpoints") in message or "hash" in message
@@ -398,7 +407,7 @@ def test_pretrained_bad_downloads_fail_in_one_line_and_leave_nothing_behind(rele
         server.shutdown()
     # Without a hash, a download cut short is found when it is read: the message names the file.
     server, url = serve_once(path.read_bytes()[:5000])
-    monkeypatch.setitem(convmixer.PRETRAINED, "small", {**spec, "url": url, "sha256": None})
+    monkeypatch.setitem(convmixer.PRETRAINED, "small", with_source(spec, url=url, sha256=None))
     try:
         with pytest.raises(RuntimeError, match="cannot be read as a checkpoint.*delete it") as e:
             convmixer.load_pretrained(ConvMixer(16, 2, 3, 4), "small", progress=False)
@@ -407,13 +416,86 @@ def test_pretrained_bad_downloads_fail_in_one_line_and_leave_nothing_behind(rele
         server.shutdown()
 
 
+def test_pretrained_tries_the_hub_first_and_the_release_second(release, monkeypatch):
+    """Two sources, as PRETRAINED has them: the Hugging Face hub's plain state_dict in timm's names,
+    then the authors' release (a timm training checkpoint). Local servers stand in for both."""
+    import io
+    model, path, spec = release
+    x = torch.randn(2, 3, 32, 32)
+    state_dict = io.BytesIO()
+    torch.save(to_timm(model.state_dict()), state_dict)
+    hub_server, hub_url = serve_once(state_dict.getvalue())
+    hub_url = hub_url.rsplit("/", 1)[0] + "/timm/convmixer_small.in1k/resolve/main/pytorch_model.bin"
+    release_server, release_url = serve_once(path.read_bytes())
+    down = "http://127.0.0.1:9/"                                    # a port that refuses connections
+    hub_down = down + "timm/convmixer_small.in1k/resolve/main/pytorch_model.bin"
+    release_down = down + path.name
+
+    def use(hub, release):
+        monkeypatch.setitem(convmixer.PRETRAINED, "small", {**spec, "sources": [
+            {"url": hub, "file": "convmixer_small_in1k.bin", "sha256": None},
+            {"url": release, "sha256": None}]})
+
+    def load():
+        return convmixer.load_pretrained(ConvMixer(16, 2, 3, 4), "small", progress=False).eval()
+
+    try:
+        use(hub_url, release_down)                                  # the hub answers: its file
+        assert torch.equal(load()(x), model(x)) and cached_files() == ["convmixer_small_in1k.bin"]
+        shutil.rmtree(Path(torch.hub.get_dir()) / "checkpoints")
+        use(hub_down, release_url)                                  # the hub down: the release
+        assert torch.equal(load()(x), model(x)) and cached_files() == [path.name]
+        use(hub_down, release_down)                                 # both down: the cache serves
+        assert torch.equal(load()(x), model(x))
+        shutil.rmtree(Path(torch.hub.get_dir()) / "checkpoints")
+        with pytest.raises(RuntimeError) as e:                       # both down, nothing cached
+            load()
+        message = str(e.value)
+        assert "\n" not in message and f"could not download {hub_down} (" in message
+        assert f" nor {release_down} (" in message and "put it at " in message
+        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+        assert f"{checkpoints / 'convmixer_small_in1k.bin'} or {checkpoints / path.name}" in message
+        assert cached_files() == []
+    finally:
+        hub_server.shutdown()
+        release_server.shutdown()
+
+
+def test_cifar10_weights_load_from_the_checkout_once_committed(tmp_path, monkeypatch):
+    """convmixer_cifar10(pretrained=True) reads the 200-epoch run's model.pt (train_cifar.py's format)
+    from the repository, with no network; until it is committed it says so."""
+    spec = convmixer.PRETRAINED["convmixer_cifar10"]
+    committed = HERE / spec["checkout_file"]
+    assert spec["checkout_file"] == "results/cifar10_convmixer_256_8_k9_p1/model.pt"
+    if committed.exists():
+        model = convmixer.convmixer_cifar10(pretrained=True)
+        saved = torch.load(committed, weights_only=True)["state_dict"]
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    else:
+        with pytest.raises(RuntimeError, match="no pretrained weights are published for it yet"):
+            convmixer.convmixer_cifar10(pretrained=True)
+    trained = randomize_(ConvMixer(256, 8, 9, 1, n_classes=10), seed=3)
+    folder = tmp_path / "checkout"
+    (folder / "results").mkdir(parents=True)
+    torch.save({"state_dict": trained.state_dict(), "config": {"hdim": 256}}, folder / "results" / "model.pt")
+    monkeypatch.setattr(convmixer, "__file__", str(folder / "convmixer.py"))
+    monkeypatch.setitem(convmixer.PRETRAINED, "convmixer_cifar10",
+                        {**spec, "checkout_file": "results/model.pt"})
+    loaded = convmixer.convmixer_cifar10(pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), trained.eval()(x))
+
+
 def test_presets_take_pretrained_and_the_preprocessing_is_at_hand(monkeypatch):
     calls = []
     monkeypatch.setattr(convmixer, "load_pretrained", lambda model, name, progress: calls.append(name) or model)
     for name in ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"):
         assert isinstance(getattr(convmixer, name)(pretrained=True), nn.Sequential)
         spec = convmixer.PRETRAINED[name]
-        assert spec["url"].startswith("https://") and spec["input_size"] == 224 and spec["crop_pct"] == 0.96
+        hub, release = (source["url"] for source in spec["sources"])
+        assert hub.startswith("https://huggingface.co/timm/convmixer_") and hub.endswith("/pytorch_model.bin")
+        assert release.startswith("https://github.com/") and release.endswith(".pth.tar")
+        assert spec["input_size"] == 224 and spec["crop_pct"] == 0.96
         assert spec["interpolation"] == "bicubic" and len(spec["mean"]) == len(spec["std"]) == 3
     assert calls == ["convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"]
     assert convmixer.convmixer_cifar10() is not None and calls == calls[:3]     # False: no download
@@ -427,8 +509,13 @@ def test_torch_hub_loads_this_repository():
     import hubconf
     assert hubconf.dependencies == ["torch"]
     assert all(callable(getattr(hubconf, name)) for name in convmixer.PRETRAINED)
-    with pytest.raises(RuntimeError, match="convmixer_cifar10: no pretrained weights are published"):
-        torch.hub.load(str(HERE), "convmixer_cifar10", source="local", trust_repo=True, pretrained=True)
+    if not (HERE / convmixer.PRETRAINED["convmixer_cifar10"]["checkout_file"]).exists():
+        with pytest.raises(RuntimeError, match="convmixer_cifar10: no pretrained weights are published"):
+            torch.hub.load(str(HERE), "convmixer_cifar10", source="local", trust_repo=True, pretrained=True)
+    else:
+        model = torch.hub.load(str(HERE), "convmixer_cifar10", source="local", trust_repo=True,
+                               pretrained=True)
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 def test_readme_pretrained_snippets_run_as_written(tmp_path, monkeypatch):
@@ -440,7 +527,7 @@ def test_readme_pretrained_snippets_run_as_written(tmp_path, monkeypatch):
         release = tmp_path / f"{name}.pth.tar"
         torch.save({"state_dict": to_timm(getattr(convmixer, name)().state_dict())}, release)
         monkeypatch.setitem(convmixer.PRETRAINED, name,
-                            {**convmixer.PRETRAINED[name], "url": release.as_uri()})
+                            {**convmixer.PRETRAINED[name], "sources": [{"url": release.as_uri()}]})
     monkeypatch.chdir(tmp_path)
     Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy()).save("photo.jpg")
     readme = (HERE / "README.md").read_text()
@@ -645,12 +732,406 @@ def test_sigterm_also_saves_and_says_how_to_resume(tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] < 50
 
 
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("step_mode", ["host", "device"])
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, step_mode):
+    """host: found at once; device: found on the device, read at the epoch's end, the same words."""
     result = run_script("--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "1",
-                        "--batch-size", "100", "--fake-data", "400", "--device", "cpu",
-                        "--workers", "0", "--lr", "1e30", "--out", tmp_path / "o", check=False)
+                        "--batch-size", "100", "--fake-data", "400", "--device", "cpu", "--workers", "0",
+                        "--step-mode", step_mode, "--lr", "1e30", "--out", tmp_path / "o", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "loss became nan or inf at epoch 1, step 2" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A run survives a kill at any instant, a full disk and damaged files (trainer/files.py). As storage
+# systems are tested: kill the process at random instants and inside its writes, resume each time,
+# and compare the end with an uninterrupted run's, tensor for tensor.
+
+KILLABLE = ["--hdim", "8", "--depth", "1", "--ksize", "3", "--psize", "4", "--epochs", "3",
+            "--batch-size", "40", "--fake-data", "400", "--eval-every", "2", "--device", "cpu",
+            "--workers", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def killable_reference(tmp_path_factory):
+    """The uninterrupted run, and how long its start (imports, data, model) and its training took."""
+    out = tmp_path_factory.mktemp("killable") / "run"
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), *KILLABLE, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()                                         # "ConvMixer-8/1 ...": training starts
+    started = time.time()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    return out, (started - start, time.time() - started)
+
+
+def assert_same_run(out, reference):
+    """The same log (less timings), final weights, last.pt and optimizer state, bit for bit."""
+    assert without_timings(read_log(out)) == without_timings(read_log(reference))
+    for name in ("model.pt", "last.pt"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (out, reference))
+        assert a.keys() == b.keys(), name
+        for key, value in b["state_dict"].items():
+            assert torch.equal(a["state_dict"][key], value), (name, key)
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (out, reference))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    assert {k: v for k, v in a["sums"].items() if k != "seconds"} == \
+        {k: v for k, v in b["sums"].items() if k != "seconds"}
+    for index, state in b["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(a["optimizer"]["state"][index][key], value), (index, key)
+    assert not list(Path(out).glob("*.tmp"))
+
+
+# Runs train_cifar.main in a process that SIGKILLs itself inside its n-th write of one kind:
+# "checkpoint" (half of NAME.tmp written), "rename" (NAME.tmp whole, not yet renamed over NAME),
+# "model" (half of model.pt.tmp) or "log" (half a line).
+KILL_INSIDE = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import train_cifar, trainer.files as files
+kind, n = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def due():
+    calls[0] += 1
+    return calls[0] == n
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+real_write_atomic, real_write_log = files.write_atomic, files.write_log
+def write_atomic(data, path):
+    tmp = path.with_name(path.name + ".tmp")
+    if kind == "checkpoint" and due() or kind == "model" and path.name == "model.pt":
+        tmp.write_bytes(data[:len(data) // 2])
+        die()
+    if kind == "rename" and due():
+        tmp.write_bytes(data)
+        die()
+    real_write_atomic(data, path)
+def write_log(path, record):
+    if kind == "log" and due():
+        line = (files.json.dumps(record) + "\\n").encode()
+        with open(path, "ab") as f:
+            f.write(line[:len(line) // 2])
+        die()
+    real_write_log(path, record)
+files.write_atomic = write_atomic
+files.write_log = train_cifar.write_log = write_log
+sys.argv = ["train_cifar.py", *sys.argv[3:]]
+train_cifar.main(sys.argv[1:])
+"""
+
+
+def start_or_resume(out, killer=None, new_run=KILLABLE):
+    """The command that continues the run in `out` at any point: --resume once its log exists."""
+    flags = ["--resume", "--out", out, "--workers", "0", "--device", "cpu"] if (out / "log.jsonl").exists() \
+        else [*new_run, "--out", out]
+    flags += ["--save-every", "0"]                                       # last.pt after every step
+    prefix = [sys.executable, "-c", KILL_INSIDE.format(here=str(HERE)), *map(str, killer)] if killer else \
+        [sys.executable, str(HERE / "train_cifar.py")]
+    return subprocess.Popen([*prefix, *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(out):
+    proc = start_or_resume(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    return stdout, stderr
+
+
+def finished(out):
+    return (out / "log.jsonl").exists() and bool(read_log(out)[-1].get("final"))
+
+
+def test_sigkill_at_random_instants_never_loses_the_run(killable_reference, tmp_path):
+    """SIGKILL at instants drawn at random over a run that writes last.pt after every step (so many
+    kills land inside a save), --resume after each, until the run ends (runs are repeated until 8
+    kills have landed): each ends as the uninterrupted run did, exactly.
+    CONVMIXER_KILL_SEED=<seed> replays a failure's instants."""
+    import random
+    reference, (start_seconds, train_seconds) = killable_reference
+    seed = int(os.environ.get("CONVMIXER_KILL_SEED", random.randrange(10**6)))
+    rng, kills, resumes = random.Random(seed), 0, []
+    for run in range(8):
+        out = tmp_path / f"run{run}"
+        while not finished(out) and kills < 8:
+            done, proc = 0.0, start_or_resume(out)
+            if (out / "last.pt").exists():
+                state = torch.load(out / "last.pt", weights_only=True)
+                done = (state["epoch"] * 10 + state["step"]) / 30
+            # An instant of this process's life: its start, the training left, the final evaluation.
+            time.sleep(rng.uniform(0, start_seconds + train_seconds * (1 - done)))
+            if proc.poll() is not None:                  # it ended before this kill
+                stdout, stderr = proc.communicate()
+                assert proc.returncode == 0, (seed, stdout + stderr)
+                break
+            proc.kill()
+            proc.communicate()
+            kills += 1
+        if not finished(out):
+            finish(out)
+        assert_same_run(out, reference)
+        resumes += [r for r in read_log(out) if r.get("resumed")]
+        if kills == 8:
+            break
+    assert kills == 8 and any(r["step"] > 0 for r in resumes), f"seed {seed}: no resume mid-epoch"
+
+
+@pytest.mark.parametrize("kind,calls", [("checkpoint", (1, 3, 17)), ("rename", (2, 19)), ("model", (1,)),
+                                        ("log", (1, 2, 4, 3))])
+def test_sigkill_inside_a_checkpoint_or_log_write_resumes_exactly(killable_reference, tmp_path, kind, calls):
+    """Killed halfway through writing the log's first line, the first last.pt, one mid-epoch;
+    between writing the first last.pt (and one later) and renaming it; halfway through model.pt;
+    halfway through a line of the log (the epoch 1 line twice, the epoch 3 line, the final line)."""
+    reference, _ = killable_reference
+    out = tmp_path / "run"
+    for n in calls:
+        proc = start_or_resume(out, killer=[kind, n])
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (kind, n, stdout + stderr)
+    _, stderr = finish(out)
+    if kind == "log":
+        assert "cut short by a kill or a full disk; dropped" in stderr     # said once, in one line
+    assert_same_run(out, reference)
+
+
+def test_gpu_check_main_continues_a_run_committed_under_results(killable_reference, tmp_path):
+    """tools/gpu_check.sh's main step, on the CPU: a run stopped mid-epoch and committed under
+    results/ is continued in the output folder, its console kept in the run's folder, and a run
+    that is complete is recognised as such."""
+    reference, _ = killable_reference
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("train_cifar.py", "convmixer.py", "trainer", "fast", "tools"):
+        (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, checkout / name)
+    committed = checkout / "results" / "tiny"
+    start_or_resume(committed, killer=["rename", 15]).communicate(timeout=300)   # killed in epoch 2
+    (committed / "last.pt.tmp").unlink()                          # git ignores *.tmp
+    stopped = torch.load(committed / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (1, 1)
+    env = {**os.environ, "RUN_NAME": "tiny", "MAIN_FLAGS": "--device cpu --workers 0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def gpu_check(out):
+        return subprocess.run(["bash", "tools/gpu_check.sh", str(out), "main"], cwd=checkout, env=env,
+                              capture_output=True, text=True, timeout=300)
+    result = gpu_check(tmp_path / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "out" / "tiny"
+    assert f"main: continuing results/tiny in {run}" in result.stdout
+    console = (run / "console.txt").read_text()
+    assert console.startswith(f"resuming {run} at epoch 2, step 1") and "final test accuracy" in console
+    assert not (run / "last.pt").exists() and (run / "model.pt").exists()
+    assert without_timings(read_log(run)) == without_timings(read_log(reference))
+    a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (run, reference))
+    assert all(torch.equal(a[k], v) for k, v in b.items())
+    again = gpu_check(tmp_path / "out")
+    assert again.returncode == 0 and f"main: {run} is complete" in again.stdout
+
+
+def test_plot_run_draws_the_committed_runs_and_one_in_progress(tmp_path):
+    runs = sorted(str(d) for d in (HERE / "results").glob("cifar10_256_8_k5_p2_*"))
+    assert len(runs) == 3
+    in_progress = tmp_path / "in_progress"
+    in_progress.mkdir()
+    lines = (HERE / "results" / "cifar10_256_8_k5_p2_plain_seed0" / "log.jsonl").read_text().splitlines()
+    (in_progress / "log.jsonl").write_text("\n".join(lines[:13]) + "\n" + lines[13][:30])  # 12 epochs, torn
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, str(HERE / "tools" / "plot_run.py"), *runs, str(in_progress),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert "cut short" in result.stderr
+    result = subprocess.run([sys.executable, str(HERE / "tools" / "plot_run.py"), str(tmp_path),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "no log.jsonl there" in result.stderr
+
+
+def test_a_run_with_the_device_step_resumes_exactly(tmp_path):
+    """--step-mode device keeps the epoch's sums on the device: killed mid-epoch between two saves
+    (and its sums read back before each), resumed, it ends as its uninterrupted twin did."""
+    device_run = [*KILLABLE, "--step-mode", "device"]
+    run_script(*device_run, "--out", tmp_path / "reference")
+    out = tmp_path / "run"
+    start_or_resume(out, killer=["rename", 15], new_run=device_run).communicate(timeout=300)
+    stopped = torch.load(out / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (1, 1) and stopped["recipe"]["step_mode"] == "device"
+    finish(out)
+    assert_same_run(out, tmp_path / "reference")
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(reference_run, tmp_path):
+    """The case a full disk leaves: log.jsonl ends in half a line; last.pt is intact."""
+    out = tmp_path / "torn"
+    shutil.copytree(reference_run[0], out)
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    (out / "model.pt").unlink()
+    (out / "log.jsonl").write_text("".join(lines[:-1]) + lines[-1][:40])   # the final line, torn
+    result = run_script("--resume", "--out", out, "--workers", "0", *DATA)
+    assert [line for line in result.stderr.splitlines() if "cut short" in line] == \
+        [f"{out / 'log.jsonl'}: its last line (40 bytes) was cut short by a kill or a full disk; dropped"]
+    assert without_timings(read_log(out)) == without_timings(read_log(reference_run[0]))
+    finished, again = (torch.load(d / "model.pt", weights_only=True)["state_dict"]
+                       for d in (reference_run[0], out))
+    assert all(torch.equal(again[k], v) for k, v in finished.items())
+
+
+def test_damaged_files_get_one_line_each(killable_reference, tmp_path):
+    reference, _ = killable_reference
+    cases = []
+
+    def damaged(name, damage):
+        out = tmp_path / name
+        shutil.copytree(reference, out)
+        (out / "model.pt").unlink()                                  # not finished: resumable
+        log = read_log(out)
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:-1]))
+        damage(out)
+        return out
+
+    truncated = damaged("truncated",
+                        lambda o: (o / "last.pt").write_bytes((o / "last.pt").read_bytes()[:3000]))
+    cases.append((["--resume", "--out", truncated], f"--resume {truncated / 'last.pt'}: cannot read it"))
+    model_as_last = damaged("model_as_last", lambda o: shutil.copy(reference / "model.pt", o / "last.pt"))
+    cases.append((["--resume", "--out", model_as_last], "a model file, not a run's last.pt"))
+    foreign = damaged("foreign", lambda o: torch.save({"weights": torch.zeros(3)}, o / "last.pt"))
+    cases.append((["--resume", "--out", foreign], "not a checkpoint written by train_cifar.py"))
+    middle = damaged("middle", lambda o: (o / "log.jsonl").write_text(
+        (o / "log.jsonl").read_text().replace('{"epoch": 1,', '{"epoch": 1', 1)))
+    cases.append((["--resume", "--out", middle], f"{middle / 'log.jsonl'}, line 2: damaged"))
+    gone = damaged("gone", lambda o: (o / "last.pt").unlink())
+    cases.append((["--resume", "--out", gone], "training had begun; there is no state to continue from"))
+    cut_model = tmp_path / "cut_model.pt"
+    cut_model.write_bytes((reference / "model.pt").read_bytes()[:2000])
+    cases.append((["--eval", cut_model, "--fake-data", "100"], f"--eval {cut_model}: cannot read it"))
+    for argv, expected in cases:
+        result = run_script(*argv, "--device", "cpu", "--workers", "0", check=False, timeout=120)
+        error = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(error) == 1, (argv, result.stderr)
+        assert error[0].startswith("train_cifar.py: error: ") and expected in error[0], (argv, error)
+
+    stray = damaged("stray_tmp", lambda o: (o / "last.pt.tmp").write_bytes(b"half a checkpoint"))
+    run_script("--resume", "--out", stray, "--workers", "0", "--device", "cpu")
+    assert_same_run(stray, reference)
+    # A kill before anything was written leaves at most a .tmp: the first command works again.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "log.jsonl.tmp").write_text('{"config": {"hd')
+    run_script(*KILLABLE, "--out", early)
+    assert_same_run(early, reference)
+
+
+class FullDisk:
+    """Makes the n-th write of one kind fail as a full disk does: part of the bytes are written,
+    then OSError(ENOSPC). kind: "checkpoint" (write_atomic's file) or "log" (a log line)."""
+
+    def __init__(self, monkeypatch, kind, n):
+        import builtins
+        import types
+        import trainer.files as files
+        self.calls, real_open, real_os = 0, builtins.open, files.os
+
+        def fail_now():
+            self.calls += 1
+            return self.calls == n
+
+        class FillingFile:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                if fail_now():
+                    self.f.write(data[:len(data) // 3])
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return self.f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+        def limited_open(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            return FillingFile(f) if kind == "checkpoint" and "w" in mode else f
+
+        def limited_write(fd, data):
+            if fail_now():
+                real_os.write(fd, bytes(data[:len(data) // 3]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_os.write(fd, data)
+
+        monkeypatch.setattr(files, "open", limited_open, raising=False)
+        if kind == "log":
+            monkeypatch.setattr(files, "os",
+                                types.SimpleNamespace(**{**vars(real_os), "write": limited_write}))
+
+
+@pytest.mark.parametrize("kind,n", [("checkpoint", 7), ("log", 2)])
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_continues_it(
+        kind, n, killable_reference, tmp_path, monkeypatch, keep_signal_handlers):
+    import train_cifar
+    reference, _ = killable_reference
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        FullDisk(patch, kind, n)
+        with pytest.raises(train_cifar.Fail) as e:
+            train_cifar.train(train_cifar.parse_args([*KILLABLE, "--out", str(out), "--save-every", "0"]))
+    message = str(e.value)
+    assert "\n" not in message and "the disk is full" in message, message
+    assert f"Free some space, then continue with: python train_cifar.py --resume --out {out}" in message
+    saved = torch.load(out / "last.pt", weights_only=True)                    # intact
+    assert f"last.pt holds epoch {saved['epoch'] + 1}, step {saved['step']}" in message
+    assert not list(out.glob("*.tmp")) and read_log(out)                      # whole lines only
+    run_script("--resume", "--out", out, "--workers", "0", "--device", "cpu")
+    assert_same_run(out, reference)
+
+
+def test_a_real_full_disk_stops_the_run_and_resume_continues_once_there_is_room(killable_reference, tmp_path):
+    """The same on a real filesystem: a 48 KiB tmpfs (needs the right to mount one, as root has)
+    holds the log and one last.pt but not a second beside it; after the error it is made larger."""
+    reference, _ = killable_reference
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        out = disk / "run"
+        result = run_script(*KILLABLE, "--out", out, "--save-every", "0", check=False)
+        error = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(error) == 1 and "the disk is full" in error[0], result.stderr
+        saved = torch.load(out / "last.pt", weights_only=True)
+        assert f"last.pt holds epoch {saved['epoch'] + 1}, step {saved['step']}" in error[0]
+        assert not list(out.glob("*.tmp")) and read_log(out)
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        run_script(*error[0].split("continue with: python train_cifar.py ")[1].split(), "--workers", "0",
+                   "--device", "cpu")
+        assert_same_run(out, reference)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_the_log_records_the_commit_at_each_start_and_resume(killable_reference, tmp_path):
+    reference, _ = killable_reference
+    head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "model.pt").unlink()
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_log(out)[:-1]))
+    run_script("--resume", "--out", out, "--workers", "0", "--device", "cpu")
+    starts = [r for r in read_log(out) if "config" in r or r.get("resumed")]
+    assert len(starts) == 2
+    for record in starts:
+        assert record["code"]["commit"] == head.stdout.strip() and isinstance(record["code"]["dirty"], bool)
+        assert record["device"].startswith("cpu") and record["versions"]["torch"] == torch.__version__
+
 
 
 def test_missing_data_without_network_says_where_the_files_go(tmp_path, monkeypatch):
@@ -730,10 +1211,18 @@ def test_existing_out_and_bad_checkpoints_fail_naming_the_file(reference_run, tm
     state = torch.load(older / "last.pt", weights_only=True)
     del state["recipe"]["ra_p"]
     torch.save(state, older / "last.pt")
+    before_step_mode = tmp_path / "before_step_mode"      # a key added later: the value it ran with
+    shutil.copytree(out, before_step_mode)
+    (before_step_mode / "model.pt").unlink()
+    (before_step_mode / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_log(out)[:-1]))
+    state = torch.load(before_step_mode / "last.pt", weights_only=True)
+    del state["recipe"]["step_mode"]
+    torch.save(state, before_step_mode / "last.pt")
+    run_script("--resume", "--out", before_step_mode, "--device", "cpu", "--workers", "0", *DATA)
     cases = [
         (["--resume", "--out", older], "lacks ra_p"),
         (["--out", out], f"--out {out}"),
-        (["--resume", "--out", tmp_path / "none"], "last.pt"),
+        (["--resume", "--out", tmp_path / "none"], "log.jsonl does not exist"),
         (["--eval", tmp_path / "missing.pt"], "missing.pt"),
         (["--eval", garbage], "garbage.pt"),
         (["--eval", mismatched, "--fake-data", "10"], "mismatched.pt"),
@@ -821,6 +1310,95 @@ def test_the_cuda_only_lines_run_on_a_cpu_bfloat16_autocast_and_fused_adamw():
     for p_amp, p_fp32 in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(p_amp, p_fp32, rtol=0.05, atol=2e-3)
     assert train_cifar.make_optimizer(model, recipe).defaults["fused"] is None   # CPU default
+
+
+def device_step_setup(fused_optimizer=True, seed=0):
+    import train_cifar
+    recipe = train_cifar.parse_args(["--hdim", "16", "--depth", "1", "--psize", "4", "--device", "cpu"])
+    torch.manual_seed(seed)
+    model = ConvMixer(16, 1, 9, 4, n_classes=10)
+    optimizer = train_cifar.make_optimizer(model, recipe, fused=fused_optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g),
+                nn.functional.one_hot(torch.randperm(10, generator=g)[:8], 10).float()) for _ in range(6)]
+    return model, optimizer, criterion, batches
+
+
+def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_device():
+    """fast/step.py's DeviceStep against train_step (both with the fused AdamW it needs): the same
+    weights, optimizer state and running sums, bit for bit; then a non-finite loss, which leaves the
+    weights as they were, for that step and the ones after it, and is reported by its step count."""
+    import train_cifar
+    from fast.step import DeviceStep
+    host_model, host_optimizer, criterion, batches = device_step_setup()
+    model, optimizer, _, _ = device_step_setup()
+    step = DeviceStep(model, optimizer, criterion, amp=False, clip=1.0, device=torch.device("cpu"))
+    step.start(100, 5.0, 2.0)                                     # resumed mid-epoch, say
+    sums = [5.0, 2.0]
+    for i, (x, t) in enumerate(batches[:4]):
+        lr = 0.001 * (i + 1)
+        loss, correct = train_cifar.train_step(host_model, host_optimizer, criterion, x, t, lr, False, 1.0)
+        sums = [sums[0] + loss * len(x), sums[1] + correct]
+        assert step(x, t, lr).item() == loss
+    assert step.read() == (*sums, None)
+    for a, b in zip(model.state_dict().values(), host_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(optimizer.state.values(), host_optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    x, t = batches[4]
+    assert train_cifar.train_step(host_model, host_optimizer, criterion, x, t * float("nan"), 0.01, False,
+                                  1.0) is None
+    step(x, t * float("nan"), 0.01)                               # the 105th step of the run
+    step(*batches[5], 0.01)                                       # a good one after it: skipped too
+    assert step.read() == (*sums, 105)                           # nothing added for the bad step
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="fused AdamW"):
+        DeviceStep(*device_step_setup(fused_optimizer=False)[:3], amp=False, clip=1.0,
+                   device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_device_step_cuda_only_graph_replays_what_the_eager_step_does():
+    """The whole step captured in a CUDA graph and replayed: the same weights as the eager step (the
+    same kernels), the warm-up of the capture undone, a bad step skipped; then a short train_cifar run."""
+    from fast.step import DeviceStep
+    results = []
+    for graph in (False, True):
+        model, optimizer, criterion, batches = device_step_setup()
+        model = model.cuda()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.0, device="cuda"), eps=1e-3,
+                                      fused=True, capturable=True)
+        step = DeviceStep(model, optimizer, criterion, amp=True, clip=1.0, device=torch.device("cuda"),
+                          graph=graph)
+        step.start(0, 0.0, 0.0)
+        for i, (x, t) in enumerate(batches[:5]):
+            step(x.cuda(), t.cuda(), 0.001 * (i + 1))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        step(batches[5][0].cuda(), batches[5][1].cuda() * float("nan"), 0.01)
+        *sums, bad = step.read()
+        assert bad == 6 and all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+        results.append((before, sums))
+    (eager, eager_sums), (graphed, graphed_sums) = results
+    for k, v in eager.items():
+        torch.testing.assert_close(graphed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert graphed_sums == pytest.approx(eager_sums, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")
+def test_train_cifar_cuda_only_step_modes_train_alike(tmp_path):
+    """A short --fast run with the step checked on the host, on the device, and replayed as a CUDA
+    graph: the same schedule and data, so the same losses up to the order of floating-point sums."""
+    logs = {}
+    for mode in ("host", "device", "graph"):
+        run_script("--hdim", "64", "--depth", "2", "--ksize", "9", "--psize", "2", "--epochs", "2",
+                   "--batch-size", "64", "--fake-data", "1024", "--fast", "--step-mode", mode,
+                   "--out", tmp_path / mode)
+        logs[mode] = [r["train_loss"] for r in read_log(tmp_path / mode) if "train_loss" in r]
+    for mode in ("device", "graph"):
+        assert logs[mode] == pytest.approx(logs["host"], rel=0.02), (mode, logs)
 
 
 # The recipe, element by element: each test pins one element by its effect (tools/mutants.py puts
@@ -933,6 +1511,10 @@ def test_defaults_are_the_papers_cifar10_recipe():
     assert (a.lr, a.wd, a.eps, a.clip, a.label_smoothing, a.amp) == (0.01, 0.01, 1e-3, 1.0, 0.1, True)
     assert (a.scale, a.ra_n, a.ra_m, a.ra_mstd, a.ra_p) == (0.75, 2, 9, 0.5, 0.5)
     assert (a.mixup, a.cutmix, a.reprob) == (0.5, 0.5, 0.25)
+    # The fast path on CUDA, the plain reference on a CPU; the step checked on the host either way.
+    assert a.fast == torch.cuda.is_available() and a.step_mode == "host" and not a.compile
+    assert train_cifar.parse_args(["--device", "cpu"]).fast is False
+    assert train_cifar.parse_args(["--device", "cpu", "--fast"]).fast is True
     optimizer = train_cifar.make_optimizer(ConvMixer(8, 1, 3, 4), a)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
 
@@ -982,6 +1564,55 @@ def test_each_epoch_shuffles_the_images_from_seed_and_epoch_alone():
     assert train_cifar.EpochPlan(1000, 64, 1, 1).order == plans[1, 1].order
     batches = plans[0, 0].batches(first_step=3)
     assert len(batches) == 12 and [i for i, _ in batches[0]] == plans[0, 0].order[192:256]
+
+
+def record_training_batches(monkeypatch, argv):
+    """Run train_cifar.train on 64 copies of one image (so that any two augmented images differ only
+    by their random draws) and return what each step was given: [(images, targets)] in order."""
+    import train_cifar
+    image = sample_images(1)[0]
+    monkeypatch.setattr(train_cifar, "load_fake",
+                        lambda n, train, seed: (image.expand(n, 3, 32, 32).clone(), torch.arange(n) % 10))
+    steps = []
+
+    def record(net, optimizer, criterion, images, targets, *rest):
+        steps.append((images.clone(), targets.clone()))
+        return 2.3, 0.0
+    monkeypatch.setattr(train_cifar, "train_step", record)
+    train_cifar.train(train_cifar.parse_args([*FAKE, "--fake-data", "64", "--batch-size", "16",
+                                              "--epochs", "2", *argv]))
+    return steps
+
+
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_every_random_choice_changes_where_the_recipe_says_and_repeats_with_the_seed(
+        path, tmp_path, monkeypatch, keep_signal_handlers):
+    """Per image (crop, flip, ops, magnitudes, erasing), per step (MixUp or CutMix, and its lambda),
+    per epoch (the order and the images' draws) and, with --fast, per chunk of steps: each choice is
+    drawn anew where the recipe draws it, shared where it shares it, and the same for the same seed."""
+    import fast.augment
+    monkeypatch.setattr(fast.augment, "AUGMENT_CHUNK_IMAGES", 32)        # 2 chunks of 2 steps an epoch
+    flags = ["--fast" if path == "fast" else "--no-fast"]
+    runs = {}
+    for name, argv in {"unmixed": ["--mixup", "0", "--cutmix", "0"], "mixed": [],
+                       "mixed again": [], "other seed": ["--seed", "1"]}.items():
+        runs[name] = record_training_batches(monkeypatch, [*flags, *argv, "--out", str(tmp_path / name)])
+    # Per image, per step, per chunk and per epoch: no two augmented images of the run are alike.
+    images = torch.cat([x for x, _ in runs["unmixed"]])                    # (8 steps * 16, 3, 32, 32)
+    assert len(images) == 128
+    flat = images.flatten(1)
+    assert len(torch.unique(flat, dim=0)) == 128
+    # Per step: one MixUp/CutMix draw for the whole batch, a new one at every step.
+    lambdas = []
+    for _, targets in runs["mixed"]:
+        shares = targets.max(1).values[targets.max(1).values < 1]       # max(lambda, 1 - lambda) of
+        assert len(shares) > 8 and torch.allclose(shares, shares[0])     # each row of two classes
+        lambdas.append(round(shares[0].item(), 6))
+    assert len(set(lambdas)) == len(lambdas) == 8, lambdas
+    # The same seed repeats every draw; another seed changes them.
+    for (x, t), (x_again, t_again) in zip(runs["mixed"], runs["mixed again"]):
+        assert torch.equal(x, x_again) and torch.equal(t, t_again)
+    assert not any(torch.equal(x, x_other) for (x, _), (x_other, _) in zip(runs["mixed"], runs["other seed"]))
 
 
 def test_evaluation_runs_in_eval_mode_and_leaves_the_model_training():
@@ -1051,45 +1682,62 @@ def test_every_mutant_of_tools_mutants_still_applies_to_the_code():
         assert m.old != m.new, m.name
 
 
-def test_benchmark_measures_both_paths(tmp_path):
-    result = run_script("--hdim", "16", "--depth", "1", "--ksize", "3", "--psize", "4",
-                        "--batch-size", "32", "--device", "cpu", "--workers", "0",
-                        "--benchmark", "--bench-steps", "2", "--out", tmp_path / "bench")
+def test_benchmark_measures_every_path_at_both_batch_sizes_in_one_file(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "fast" / "benchmark.py"), "--hdim", "16",
+                             "--depth", "1", "--ksize", "3", "--psize", "4", "--batch-sizes", "8", "16",
+                             "--steps", "2", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "bench")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
-    assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "batch_size": 32,
-                               "amp": False, "compile": False, "workers": 0}
-    for key in ("plain_img_s", "fast_img_s", "plain_model_only_img_s", "fast_model_only_img_s",
-                "plain_model_only_no_sync_img_s", "fast_model_only_no_sync_img_s", "fast_augment_only_img_s"):
-        assert bench[key] > 0
-    assert "fast/plain" in result.stdout
-    for path in ("plain", "fast"):        # the profile: on a CPU, operators by their own time
-        profile = bench[f"{path}_profile"]
-        assert profile["steps"] == 2 and profile["busy_ms_per_step"] > 0
-        times = [row["ms_per_step"] for row in profile["top"]]
-        assert times == sorted(times, reverse=True) and sum(times) <= profile["busy_ms_per_step"] + 1e-6
-        assert any("convolution" in row["name"] for row in profile["top"])
-        assert f"{path} path, profile of 2 steps" in result.stdout
+    assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "amp": False, "compile": False,
+                               "workers": 0, "steps": 2}
+    for b in (8, 16):
+        section = bench[f"batch_{b}"]
+        assert list(section) == ["plain", "fast", "fast_device"]               # no CUDA graph on a CPU
+        for path, m in section.items():
+            assert m["img_s"] > 0 and m["model_only_img_s"] > 0
+            assert m["recipe_training_seconds"] == pytest.approx(200 * 50_000 / m["img_s"])
+            assert ("augment_only_img_s" in m) == (path != "plain")
+            profile = m["profile"]                  # on a CPU: operators by their own time
+            assert profile["steps"] == 2 and 0 < profile["busy_fraction"] <= 1.05
+            times = [row["ms_per_step"] for row in profile["top"]]
+            assert times == sorted(times, reverse=True) and sum(times) <= profile["busy_ms_per_step"] + 1e-6
+            assert any("convolution" in row["name"] for row in profile["top"])
+            assert f"batch {b}, {path}, profile of 2 steps" in result.stdout
+        fast, plain = section["fast"]["img_s"], section["plain"]["img_s"]
+        assert section["fast"]["speedup_over_plain"] == pytest.approx(fast / plain)
 
 
 def test_benchmark_saves_each_path_as_soon_as_it_is_measured(tmp_path, monkeypatch):
-    import train_cifar
     from fast import benchmark
-    args = train_cifar.parse_args(["--hdim", "8", "--depth", "1", "--ksize", "3", "--psize", "8",
-                                   "--batch-size", "16", "--device", "cpu", "--workers", "0",
-                                   "--benchmark", "--bench-steps", "1", "--out", str(tmp_path / "b")])
-    prepare_model = benchmark.prepare_model
+    args = benchmark.parse_args(["--hdim", "8", "--depth", "1", "--ksize", "3", "--psize", "8",
+                                 "--batch-sizes", "16", "--paths", "fast", "plain", "--steps", "1",
+                                 "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "b")])
+    measure = benchmark.measure_path
 
-    def cut_short_after_the_fast_path(recipe, device):      # as a time limit would
-        if not recipe.fast:
+    def cut_short_after_the_first_path(args, path, *rest):      # as a time limit would
+        if path != "fast":
             raise KeyboardInterrupt
-        return prepare_model(recipe, device)
+        return measure(args, path, *rest)
 
-    monkeypatch.setattr(benchmark, "prepare_model", cut_short_after_the_fast_path)
+    monkeypatch.setattr(benchmark, "measure_path", cut_short_after_the_first_path)
     with pytest.raises(KeyboardInterrupt):
         benchmark.benchmark(args)
     bench = json.loads((tmp_path / "b" / "benchmark.json").read_text())
-    assert bench["fast_img_s"] > 0 and bench["fast_profile"]["steps"] == 1
-    assert "plain_img_s" not in bench and not list((tmp_path / "b").glob("*.tmp"))
+    assert bench["batch_16"]["fast"]["img_s"] > 0 and bench["batch_16"]["fast"]["profile"]["steps"] == 1
+    assert "plain" not in bench["batch_16"] and not list((tmp_path / "b").glob("*.tmp"))
+
+
+def test_train_cifar_does_not_import_the_benchmark():
+    """fast/benchmark.py imports train_cifar.py, and not the other way round."""
+    import ast
+    tree = ast.parse((HERE / "train_cifar.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [name for name in imported if "benchmark" in name]
+    result = subprocess.run([sys.executable, "-c", "import sys, train_cifar; "
+                             "sys.exit('fast.benchmark' in sys.modules)"], cwd=HERE, capture_output=True)
+    assert result.returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1218,10 +1866,9 @@ def test_fast_depthwise_compiles_into_one_graph(fast_depthwise):
 
 
 def test_benchmark_depthwise_breakdown_times_both_kernels(fast_depthwise):
-    import train_cifar
     from fast import benchmark
-    args = train_cifar.parse_args(["--hdim", "2", "--ksize", "3", "--psize", "8", "--batch-size", "2",
-                                   "--device", DEVICE])
+    args = benchmark.parse_args(["--hdim", "2", "--ksize", "3", "--psize", "8", "--device", DEVICE])
+    args.batch_size = 2
     default_rows = fast_depthwise.TOEPLITZ_ROWS
     timings = benchmark.depthwise_breakdown(args, torch.device(DEVICE), amp=False, repeats=1)
     toeplitz = [f"triton_toeplitz_{rows}rows" for rows in (32, default_rows, 256)]

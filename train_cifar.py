@@ -13,8 +13,8 @@ The file reads in the order of a run: settings, data and augmentation, model, op
 loop, evaluation. Randomness is tied to (seed, epoch, image), so a run is the same with any
 --workers and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly. Writes to --out:
 log.jsonl (recipe, a line per epoch, result), model.pt (weights and config), last.pt (for --resume).
-In trainer/: the RandAugment op table, and the housekeeping (flag checks, files, progress, Ctrl-C).
-The optional speed code (--fast, --benchmark) is in fast/.
+In trainer/: RandAugment's op table, the run's files, and the housekeeping (flag checks, progress,
+Ctrl-C). The optional speed code (--fast, --step-mode, the benchmark) is in fast/.
 """
 import argparse
 import math
@@ -30,9 +30,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from convmixer import ConvMixer
-from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, check_args,
-                                  device_name, format_seconds, ignore_sigint, read_checkpoint,
-                                  read_resume_state, save_atomic, start_log, write_log)
+from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
+                           write_log)
+from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
+                                  check_args, device_name, format_seconds, ignore_sigint, non_finite_loss,
+                                  open_cifar10)
 from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -40,10 +42,11 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR10_MEAN_PIXEL = [float(round(255 * m)) for m in CIFAR10_MEAN]   # (125, 123, 114): fill colour
 N_CLASSES = 10
 N_TRAIN_IMAGES = 50_000
+CHECK_EVERY = 50        # --step-mode device or graph: steps between reads of the device's sums
 # What a run's result depends on; saved in last.pt and log.jsonl, reused by --resume.
 RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
                "label_smoothing", "amp", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup", "cutmix",
-               "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile"]
+               "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile", "step_mode"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,21 +88,23 @@ def parse_args(argv=None):
     add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     add("--subset", type=int, metavar="N", help="train on the first N training images")
     add("--val", type=int, metavar="N", default=0, help="hold out the last N training images, report on them")
-    add("--eval-every", type=int, metavar="N", default=10,
-        help="test (and --val) accuracy every N epochs and after the last (0: after the last only)")
+    add("--eval-every", type=int, metavar="N", help="test (and --val) accuracy every N epochs and after "
+        "the last (0: after the last only; default: 10, or what the resumed run used)")
     add("--progress-every", type=float, metavar="SECONDS", default=30,
         help="without a terminal, a progress line this often; the whole run's estimate after this long")
+    add("--save-every", type=float, metavar="MINUTES", default=2, help="also write last.pt this often "
+        "during an epoch, so that a hard kill loses at most this much (0: after every step)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pt and recipe")
     add("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
     add = p.add_argument_group("speed (optional; the code is in fast/)").add_argument
-    add("--fast", action=argparse.BooleanOptionalAction, default=False,
-        help="augment whole batches on the device; on CUDA also the Triton depthwise convolution")
+    add("--fast", action=argparse.BooleanOptionalAction, help="augment whole batches on the device and, "
+        "on CUDA, use Triton depthwise kernels (default: on CUDA; the plain reference: --no-fast, or a CPU)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--benchmark", action="store_true", help="time plain and fast training steps, then exit")
-    add("--bench-steps", type=int, default=30, help="timed steps per path")
+    add("--step-mode", choices=["host", "device", "graph"], default="host", help="host: the loss checked "
+        "every step; device: checked on the device, no host sync; graph: device, as a CUDA graph")
     args = p.parse_args(argv)
     try:
-        check_args(args, N_TRAIN_IMAGES)
+        check_args(args, N_TRAIN_IMAGES)          # and the defaults that depend on others (--fast)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -110,23 +115,7 @@ def parse_args(argv=None):
 
 def load_cifar10(root, train):
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed."""
-    folder = Path(root) / "cifar-10-batches-py"
-    if Path(root).exists() and not Path(root).is_dir():
-        raise Fail(f"--data {root} is a file; give the folder that holds (or will hold) cifar-10-batches-py")
-    try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
-    except PermissionError as e:
-        raise Fail(f"--data {root}: cannot read or write there ({e.strerror}: {e.filename})") from None
-    except Exception as e:   # no network, a bad mirror, a corrupt archive...
-        files = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list
-        bad = [folder / name for name, md5 in files if (folder / name).exists()
-               and not torchvision.datasets.utils.check_integrity(str(folder / name), md5)]
-        if bad:      # torchvision tried to download it again, and could not
-            raise Fail(f"--data {root}: {bad[0]} fails CIFAR-10's MD5 checksum (truncated or "
-                       f"corrupt); delete it, or the whole {folder}, to download it again") from None
-        raise Fail(f"--data {root}: CIFAR-10 is not there and could not be downloaded ({e}). "
-                   f"Put the official python version there, as {folder}/ "
-                   f"or {Path(root) / 'cifar-10-python.tar.gz'}") from None
+    ds = open_cifar10(root, train)    # torchvision's CIFAR10, with one-line errors (no network, ...)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return images, torch.tensor(ds.targets)
 
@@ -283,26 +272,24 @@ def one_cycle_lr(progress, peak):
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def train_step(net, optimizer, criterion, images, targets, lr, amp, clip, check=True):
+def train_step(net, optimizer, criterion, images, targets, lr, amp, clip):
     """One AdamW step. Returns (loss, number of images whose top class matches the target's
-    largest share), or None, with the weights untouched, if the loss is not finite.
-    check=False (the benchmark's measure of what the check costs) skips it and returns None."""
+    largest share), or None, with the weights untouched, if the loss is not finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
         logits = net(images)
     loss = criterion(logits.float(), targets)
-    if check:
-        correct = (logits.argmax(1) == targets.argmax(1)).sum()
-        loss_value, correct = torch.stack([loss.detach(), correct.float()]).tolist()   # host sync
-        if not math.isfinite(loss_value):
-            return None
+    correct = (logits.argmax(1) == targets.argmax(1)).sum()
+    loss_value, correct = torch.stack([loss.detach(), correct.float()]).tolist()   # host sync
+    if not math.isfinite(loss_value):
+        return None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip > 0:
         nn.utils.clip_grad_norm_(net.parameters(), clip)
     optimizer.step()
-    return (loss_value, correct) if check else None
+    return loss_value, correct
 
 
 class Run:
@@ -325,52 +312,85 @@ class Run:
         self.val = (images[n - recipe.val:], labels[n - recipe.val:]) if recipe.val else None
         self.data = training_data(recipe, images[:recipe.n_train], labels[:recipe.n_train], self.device)
         self.model, self.net = prepare_model(recipe, self.device)
-        self.optimizer, self.mix = make_optimizer(self.model, recipe), batch_mixing(recipe)
+        # --step-mode device or graph: fused AdamW, whose kernel skips the update after a bad loss
+        self.optimizer = make_optimizer(self.model, recipe, fused=recipe.step_mode != "host" or None)
+        self.mix = batch_mixing(recipe)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         self.amp = recipe.amp and self.device.type == "cuda"
         self.steps_per_epoch = recipe.n_train // recipe.batch_size
-        self.epoch, self.step, self.lr, self.wall_before, self.start_time = 0, 0, 0.0, 0.0, time.time()
+        self.epoch, self.step, self.wall_before, self.start_time = 0, 0, 0.0, time.time()
         self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        self.saved = None                                       # (epoch, step) that last.pt holds
         if state:                  # the weights, BatchNorm's statistics, AdamW's moments, the position
-            self.model.load_state_dict(state["state_dict"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "state_dict" in state:          # (a run stopped before its first last.pt has none)
+                self.model.load_state_dict(state["state_dict"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.saved = (state["epoch"], state["step"])
             self.epoch, self.step, self.sums = state["epoch"], state["step"], state["sums"]
             self.wall_before = state["wall_seconds"]
+        self.device_step = None
+        if recipe.step_mode != "host":              # after the optimizer's state is loaded
+            from fast.step import make_device_step
+            self.device_step = make_device_step(self, graph=recipe.step_mode == "graph")
+        # --eval-every when given, else what the resumed run used, else 10
+        self.eval_every = (state or {}).get("eval_every", 10) if args.eval_every is None else args.eval_every
         n_params = sum(p.numel() for p in self.model.parameters())
         # --out is created only now, so that a missing data set leaves no half-made run behind.
-        start_log(self.out, vars(recipe), self.device, n_params, state)
-        print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: "
-              f"{n_params:,} parameters; {recipe.n_train:,} "
-              f"training images, {self.steps_per_epoch} steps/epoch, {recipe.epochs} "
-              f"epoch{'s' * (recipe.epochs != 1)} on {device_name(self.device)}"
-              f"{' (fast path)' if recipe.fast else ''}; writing to {self.out}", flush=True)
+        where = start_log(self.out, vars(recipe), self.device, n_params, self.eval_every, state)
+        self.save_every, self.last_save = 60 * args.save_every, time.time()
+        if self.saved is None:          # from here on, --resume has a last.pt to continue from
+            self.save_last()
+        announce(recipe, n_params, self.steps_per_epoch, where, self.out)
+
+    def lr_at(self, steps_done):
+        """The one-cycle learning rate of the step after which `steps_done` steps are done."""
+        return one_cycle_lr(steps_done / (self.recipe.epochs * self.steps_per_epoch), self.recipe.lr)
 
     def train_epoch(self, stop, progress):
         """Train the current epoch from the current step, until its end or a requested stop."""
         recipe, sums = self.recipe, self.sums
         plan = EpochPlan(recipe.n_train, recipe.batch_size, recipe.seed, self.epoch)
+        if self.device_step:            # --step-mode device or graph: the sums live on the device
+            self.device_step.start(self.epoch * plan.steps + self.step, sums["loss"], sums["correct"])
         t0 = time.time()
         for images, labels in epoch_batches(recipe, plan, self.step, self.data, self.workers, self.device):
             torch.default_generator.manual_seed(plan.mix_seeds[self.step])
             images, targets = self.mix(images, labels)                # targets: (B, 10) probabilities
-            self.lr = one_cycle_lr((self.epoch * plan.steps + self.step + 1) / (recipe.epochs * plan.steps),
-                                   recipe.lr)
-            result = train_step(self.net, self.optimizer, self.criterion, images, targets, self.lr,
-                                self.amp, recipe.clip)
-            if result is None:
-                last = self.out / "last.pt"
-                kept = f"the last good checkpoint, {last}, was kept" if last.exists() else \
-                    "no checkpoint had been written yet"
-                raise Fail(f"the loss became nan or inf at epoch {self.epoch + 1}, step {self.step + 1}; "
-                           f"stopped before updating the weights; {kept}")
+            loss = self.one_step(images, targets, self.lr_at(self.epoch * plan.steps + self.step + 1))
             self.step += 1
-            sums["loss"], sums["correct"] = sums["loss"] + result[0] * len(images), sums["correct"] + result[1]
             sums["seen"] += len(images)
-            progress.step(self.epoch, self.step, result[0])
+            progress.step(self.epoch, self.step, loss)
             if stop.signum is not None:
                 break
+            save = time.time() - self.last_save >= self.save_every     # a hard kill loses at most this
+            if save or self.step % CHECK_EVERY == 0:
+                self.sync()
+            if save:
+                sums["seconds"], t0 = sums["seconds"] + time.time() - t0, time.time()
+                self.save_last()
+        self.sync()
         sums["seconds"] += time.time() - t0
         progress.end_epoch()
+
+    def one_step(self, images, targets, lr):
+        """One training step; its loss (with --step-mode device or graph, a device tensor)."""
+        if self.device_step:
+            return self.device_step(images, targets, lr)
+        result = train_step(self.net, self.optimizer, self.criterion, images, targets, lr, self.amp,
+                            self.recipe.clip)
+        if result is None:
+            raise non_finite_loss(self.epoch * self.steps_per_epoch + self.step + 1, self.steps_per_epoch,
+                                  self.out)
+        self.sums["loss"] += result[0] * len(images)
+        self.sums["correct"] += result[1]
+        return result[0]
+
+    def sync(self):
+        """--step-mode device or graph: the epoch's sums from the device; stop at a non-finite loss."""
+        if self.device_step:
+            self.sums["loss"], self.sums["correct"], bad = self.device_step.read()
+            if bad is not None:
+                raise non_finite_loss(bad, self.steps_per_epoch, self.out)
 
     def accuracies(self, flip_tta=False):
         """Test accuracy (and --val accuracy, when held out) of the model as it is now."""
@@ -384,15 +404,23 @@ class Run:
     def save_last(self):
         save_atomic({"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "config": model_config(self.recipe), "recipe": vars(self.recipe), "epoch": self.epoch,
-                     "step": self.step, "sums": self.sums, "wall_seconds": self.wall_seconds()},
+                     "step": self.step, "sums": self.sums, "wall_seconds": self.wall_seconds(),
+                     "eval_every": self.eval_every},
                     self.out / "last.pt")
+        self.saved, self.last_save = (self.epoch, self.step), time.time()
 
     def wall_seconds(self):
         return self.wall_before + time.time() - self.start_time
 
 
 def train(args):
-    run, stop = Run(args), StopRequested()
+    stop = StopRequested()                # from the start: a SIGTERM while loading still saves
+    run = Run(args)
+    with after_a_failed_write(run):       # a full disk, say: one line, what is intact, how to go on
+        return train_epochs(run, args, stop)
+
+
+def train_epochs(run, args, stop):
     recipe = run.recipe
     progress = Progress(recipe, run.epoch * run.steps_per_epoch + run.step, args.progress_every, run.device)
     while run.epoch < recipe.epochs:
@@ -400,21 +428,17 @@ def train(args):
         if stop.signum is not None and run.step < run.steps_per_epoch:
             run.save_last()
             raise Interrupted(stop.signum, run.out, run.epoch, run.step)
-        sums, epoch = run.sums, run.epoch + 1
+        sums, epoch, lr = run.sums, run.epoch + 1, run.lr_at(run.epoch * run.steps_per_epoch + run.step)
         record = {"epoch": epoch, "train_loss": sums["loss"] / sums["seen"],
-                  "train_acc": 100.0 * sums["correct"] / sums["seen"], "lr": run.lr,
+                  "train_acc": 100.0 * sums["correct"] / sums["seen"], "lr": lr,
                   "epoch_seconds": sums["seconds"], "images_per_second": sums["seen"] / sums["seconds"]}
         # Test (and --val) accuracy now and then, for the curve; the result is the final epoch's.
-        if epoch == recipe.epochs or args.eval_every and epoch % args.eval_every == 0:
+        if epoch == recipe.epochs or run.eval_every and epoch % run.eval_every == 0:
             record.update(run.accuracies())
         write_log(run.out / "log.jsonl", record)
         run.epoch, run.step, run.sums = epoch, 0, {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         run.save_last()
-        print(f"epoch {epoch:3d}/{recipe.epochs}  loss {record['train_loss']:.4f}  "
-              f"train {record['train_acc']:5.2f}%  "
-              + "".join(f"{k[:-4]} {record[k]:5.2f}%  " for k in ("test_acc", "val_acc") if k in record)
-              + f"lr {run.lr:.5f}  {record['epoch_seconds']:.1f} s  "
-              f"{record['images_per_second']:,.0f} img/s", flush=True)
+        progress.end_of_epoch(record)
         if stop.signum is not None and epoch < recipe.epochs:   # after the last: finish, seconds
             raise Interrupted(stop.signum, run.out, epoch, 0)
     final = {"final": True, **run.accuracies(flip_tta=True), "wall_seconds": run.wall_seconds(),
@@ -450,20 +474,7 @@ def evaluate(model, images, labels, device, amp, flip_tta=False, batch_size=1000
 
 
 def evaluate_checkpoint(args):
-    ckpt = read_checkpoint(args.eval, "--eval")
-    config = ckpt["config"]
-    try:
-        model = build_model(config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise Fail(f"--eval {args.eval}: its config does not describe a ConvMixer ({e})") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise Fail(f"--eval {args.eval}: its weights do not fit the model in its config "
-                   f"({' '.join(str(e).strip().splitlines()[:2])[:300]})") from None
-    if list(config.get("mean", CIFAR10_MEAN)) != list(CIFAR10_MEAN) or \
-            list(config.get("std", CIFAR10_STD)) != list(CIFAR10_STD):
-        raise Fail(f"--eval {args.eval}: it was trained with another normalization than CIFAR-10's")
+    model = read_model(args.eval, "--eval", build_model, CIFAR10_MEAN, CIFAR10_STD)
     device = torch.device(args.device)
     images, labels = load_fake(args.fake_data, False, args.seed) if args.fake_data else \
         load_cifar10(args.data, train=False)
@@ -474,17 +485,10 @@ def evaluate_checkpoint(args):
     return acc
 
 
-
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.eval:
-            evaluate_checkpoint(args)
-        elif args.benchmark:
-            from fast.benchmark import benchmark
-            benchmark(args)
-        else:
-            train(args)
+        (evaluate_checkpoint if args.eval else train)(args)
     except Fail as e:
         sys.exit(f"train_cifar.py: error: {e}")
     except Interrupted as e:

@@ -1,7 +1,8 @@
-"""Optional speed code for train_cifar.py's --fast and --benchmark; the plain path needs none of it.
+"""Optional speed code for train_cifar.py; the plain path needs none of it.
 
-    depthwise.py      Triton depthwise convolution (forward, input and weight gradients)
-    augment.py        the training augmentation, per image, for whole batches on the device
-    benchmark.py      plain vs fast training throughput, profiled (train_cifar.py --benchmark)
+    depthwise.py      Triton depthwise convolution (forward, input and weight gradients)       --fast
+    augment.py        the training augmentation, per image, for whole batches on the device    --fast
+    step.py           the training step without a host sync, optionally as a CUDA graph    --step-mode
+    benchmark.py      every path's training throughput at batch 64 and 512, profiled (a script)
     check_kernels.py  compiles the Triton kernels for an H100 without a GPU and checks them
 """

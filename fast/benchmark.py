@@ -1,26 +1,38 @@
-"""Training throughput of the plain and the fast path, for one ConvMixer config, on synthetic data.
+"""Training throughput of train_cifar.py's paths, at the paper's batch size and a large one, on
+synthetic data; everything into one benchmark.json.
 
-    python train_cifar.py --hdim 256 --depth 8 --ksize 9 --batch-size 512 --benchmark [--compile]
+    python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --out runs/benchmark     # batch 64 and 512
+    python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 512 --paths plain fast
 
-For each path: images per second for the whole step (data, mixing, forward, backward, AdamW) and
-for the model alone (with and without the per-step host sync of the loss check); for the fast path
-the augmentation alone; a torch.profiler table of the kernels (on a CPU, the operators) that take
-the most time per step; on CUDA, one depthwise layer's milliseconds for PyTorch and each Triton
-algorithm. Everything goes to --out/benchmark.json, written after each path, so a run cut short
-keeps what it measured.
+Paths: "plain" (the reference: per-image CPU augmentation, PyTorch's depthwise convolution, the loss
+checked on the host every step), "fast" (--fast: batch augmentation on the device, the Triton
+depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync per step),
+"fast_graph" (--fast --step-mode graph: the step replayed as one CUDA graph; CUDA only); --compile
+adds torch.compile of the model to each. For each batch size and path: images per second for the whole
+step (data, MixUp/CutMix, forward, backward, clipping, AdamW) and for the model alone; the fast
+paths' augmentation alone; a torch.profiler table of the kernels (on a CPU, the operators) that take
+the most time, and the GPU-busy fraction of a step; the estimated training time of the 200-epoch
+recipe (10 million images) at that speed; on CUDA, one depthwise layer per algorithm. benchmark.json
+is written after each path, so a run cut short keeps what it measured.
 """
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fast.augment import AUGMENT_CHUNK_IMAGES
-from train_cifar import (N_CLASSES, N_TRAIN_IMAGES, RECIPE_KEYS, EpochPlan, batch_mixing, device_name,
-                         epoch_batches, make_optimizer, prepare_model, save_atomic, train_step,
-                         training_data)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_cifar  # noqa: E402
+from fast.augment import AUGMENT_CHUNK_IMAGES  # noqa: E402
+from trainer.files import save_atomic  # noqa: E402
+from trainer.housekeeping import device_name  # noqa: E402
+
+PATHS = {"plain": [], "fast": ["--fast"], "fast_device": ["--fast", "--step-mode", "device"],
+         "fast_graph": ["--fast", "--step-mode", "graph"]}
 
 
 def synchronize(device):
@@ -71,7 +83,7 @@ def depthwise_breakdown(args, device, amp, repeats=20):
 
 def profile_steps(run_steps, step_range, device, label, top=12):
     """Where the time of a step goes, from torch.profiler over step_range: the `top` CUDA kernels
-    (on a CPU: operators) by their own time, and the sum over all of them, in ms per step."""
+    (on a CPU: operators) by their own time, their sum, and the busy fraction of the step's wall time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -85,99 +97,147 @@ def profile_steps(run_steps, step_range, device, label, top=12):
     rows = sorted(((e.key, (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total)
                     / 1000 / n) for e in prof.key_averages() if e.device_type == kind),
                   key=lambda row: -row[1])
-    busy = sum(ms for _, ms in rows)
-    print(f"{label} path, profile of {n} steps: {busy:.2f} ms busy of {1000 * wall / n:.2f} ms per step "
+    busy, wall_ms = sum(ms for _, ms in rows), 1000 * wall / n
+    print(f"{label}, profile of {n} steps: {busy:.2f} ms busy of {wall_ms:.2f} ms per step "
           f"(profiler on); top {'kernels' if device.type == 'cuda' else 'operators'}:")
     for name, ms in rows[:top]:
         print(f"    {ms:8.3f} ms  {100 * ms / max(busy, 1e-9):5.1f}%  {name[:100]}")
-    return {"steps": n, "wall_ms_per_step": 1000 * wall / n, "busy_ms_per_step": busy,
+    return {"steps": n, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy,
+            "busy_fraction": busy / max(wall_ms, 1e-9),
             "top": [{"name": name[:200], "ms_per_step": ms} for name, ms in rows[:top]]}
 
 
-def benchmark(args):
-    """Training throughput of the plain and the fast path for one config, on synthetic data."""
-    device = torch.device(args.device)
-    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}_benchmark")
-    warmup = 10 if args.compile else 3
-    b = args.batch_size
-    # The profile covers as many steps as --fast augments at a time (16 at batch 512), so that
-    # it sees one augmentation call; at most --bench-steps.
-    profiled = min(args.bench_steps, max(1, AUGMENT_CHUNK_IMAGES // b))
-    steps = warmup + args.bench_steps + profiled
-    amp = args.amp and device.type == "cuda"
-    g = torch.Generator().manual_seed(args.seed)
-    images = torch.randint(0, 256, (steps * b, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, N_CLASSES, (steps * b,), generator=g)
-    plan = EpochPlan(steps * b, b, args.seed, 0)
+def recipe_for(args, batch_size, path):
+    """train_cifar's recipe for this config, batch size and path, as its flags would give it."""
+    argv = ["--hdim", args.hdim, "--depth", args.depth, "--ksize", args.ksize, "--psize", args.psize,
+            "--batch-size", batch_size, "--device", args.device, "--workers", args.workers,
+            "--seed", args.seed, *PATHS[path], *(["--compile"] if args.compile else [])]
+    return train_cifar.parse_args([str(a) for a in argv])
+
+
+WARMUP_STEPS = 10      # before each timing: compiling, capturing a graph, the allocator's first steps
+
+
+def profiled_steps(args, batch_size):
+    """As many steps as --fast augments at a time (16 at batch 512), so that the profile sees one
+    augmentation call; at most --steps."""
+    return min(args.steps, max(1, AUGMENT_CHUNK_IMAGES // batch_size))
+
+
+def measure_path(args, path, recipe, device, images, labels, plan):
+    """Whole-step and model-only images per second, and a profile, of one path at one batch size."""
+    b, warmup = recipe.batch_size, WARMUP_STEPS
+    model, net = train_cifar.prepare_model(recipe, device)
+    optimizer = train_cifar.make_optimizer(model, recipe, fused=recipe.step_mode != "host" or None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    mix = train_cifar.batch_mixing(recipe)
+    data = train_cifar.training_data(recipe, images, labels, device)
+    amp = recipe.amp and device.type == "cuda"
+    if recipe.step_mode == "host":
+        def step(x, target):
+            train_cifar.train_step(net, optimizer, criterion, x, target, recipe.lr, amp, recipe.clip)
+    else:
+        from fast.step import make_device_step
+        run = argparse.Namespace(net=net, optimizer=optimizer, criterion=criterion, amp=amp, recipe=recipe,
+                                 device=device)
+        device_step = make_device_step(run, graph=recipe.step_mode == "graph")
+        device_step.start(0, 0.0, 0.0)
+
+        def step(x, target):
+            device_step(x, target, recipe.lr)
+    batches = iter(train_cifar.epoch_batches(recipe, plan, 0, data, args.workers, device))
+
+    def whole_steps(step_range):                   # data, mixing, forward, backward, AdamW
+        for _ in step_range:
+            step(*mix(*next(batches)))
+
+    fixed_x, fixed_y = mix(*next(iter(train_cifar.epoch_batches(recipe, plan, 0, data, 0, device))))
+
+    def model_steps(step_range):                   # the same batch again and again
+        for _ in step_range:
+            step(fixed_x, fixed_y)
 
     def images_per_second(run_steps):
-        """Time run_steps(n) for `warmup` then `bench_steps` steps; images per second."""
         run_steps(range(warmup))
         synchronize(device)
         t = time.perf_counter()
-        run_steps(range(warmup, warmup + args.bench_steps))
+        run_steps(range(args.steps))
         synchronize(device)
-        return args.bench_steps * b / (time.perf_counter() - t)
+        return args.steps * b / (time.perf_counter() - t)
 
-    result = {"device": device_name(device), "torch": torch.__version__,
-              "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize,
-                         "psize": args.psize, "batch_size": b, "amp": amp, "compile": args.compile,
-                         "workers": args.workers}}
+    result = {"img_s": images_per_second(whole_steps)}
+    result["profile"] = profile_steps(whole_steps, range(profiled_steps(args, b)), device,
+                                      f"batch {b}, {path}")
+    result["model_only_img_s"] = images_per_second(model_steps)
+    if recipe.fast:                    # the data path alone, as training runs it
+        def augment_epoch():
+            for _ in train_cifar.epoch_batches(recipe, plan, 0, data, 0, device):
+                pass
+        augment_epoch()
+        synchronize(device)
+        t = time.perf_counter()
+        augment_epoch()
+        synchronize(device)
+        result["augment_only_img_s"] = plan.steps * b / (time.perf_counter() - t)
+    # The 200-epoch recipe trains on 200 x 50,000 images: its training time at this speed.
+    result["recipe_training_seconds"] = recipe.epochs * train_cifar.N_TRAIN_IMAGES / result["img_s"]
+    return result
+
+
+def benchmark(args):
+    device = torch.device(args.device)
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}_benchmark")
     out.mkdir(parents=True, exist_ok=True)
-
-    def save():      # after each path: a run cut short by a time limit keeps what it measured
-        save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json",
-                    write=lambda text, path: path.write_text(text))
-
-    for path in ("fast", "plain"):       # fast first: the number a cut-short run must not lose
-        recipe = argparse.Namespace(**{k: getattr(args, k) for k in RECIPE_KEYS})
-        recipe.fast, recipe.n_train = path == "fast", steps * b
-        model, net = prepare_model(recipe, device)
-        optimizer = make_optimizer(model, recipe)
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        mix = batch_mixing(recipe)
-        data = training_data(recipe, images, labels, device)
-        batches = iter(epoch_batches(recipe, plan, 0, data, args.workers, device))
-
-        def whole_steps(step_range):                   # data, mixing, forward, backward, AdamW
-            for step in step_range:
-                x, y = next(batches)
-                x, target = mix(x, y)
-                train_step(net, optimizer, criterion, x, target, args.lr, amp, args.clip)
-
-        fixed_x, fixed_y = mix(*next(iter(epoch_batches(recipe, plan, 0, data, 0, device))))
-
-        def model_steps(step_range, check=True):       # the same batch again and again
-            for _ in step_range:
-                train_step(net, optimizer, criterion, fixed_x, fixed_y, args.lr, amp, args.clip, check)
-
-        result[f"{path}_img_s"] = images_per_second(whole_steps)
-        result[f"{path}_profile"] = profile_steps(whole_steps, range(steps - profiled, steps), device, path)
-        result[f"{path}_model_only_img_s"] = images_per_second(model_steps)
-        # Without the loss check's host sync the CPU can queue the next step while the GPU works.
-        result[f"{path}_model_only_no_sync_img_s"] = images_per_second(lambda r: model_steps(r, False))
-        if path == "fast":                              # its data path alone, as training runs it
-            def augment_epoch():
-                for _ in epoch_batches(recipe, plan, 0, data, 0, device):
-                    pass
-
-            augment_epoch()
-            synchronize(device)
-            t = time.perf_counter()
-            augment_epoch()
-            synchronize(device)
-            result["fast_augment_only_img_s"] = plan.steps * b / (time.perf_counter() - t)
-        print(f"{path:5s}: {result[f'{path}_img_s']:9,.0f} img/s whole step, "
-              f"{result[f'{path}_model_only_img_s']:9,.0f} img/s model only "
-              f"({result[f'{path}_model_only_no_sync_img_s']:,.0f} without the host sync)", flush=True)
-        save()
-    result["speedup"] = result["fast_img_s"] / result["plain_img_s"]
-    print(f"fast/plain: {result['speedup']:.2f}x; augmentation alone (fast path): "
-          f"{result['fast_augment_only_img_s']:,.0f} img/s on {result['device']}; an epoch of "
-          f"CIFAR-10's {N_TRAIN_IMAGES:,} images: plain {N_TRAIN_IMAGES / result['plain_img_s']:.1f} s, "
-          f"fast {N_TRAIN_IMAGES / result['fast_img_s']:.1f} s (training only)")
-    if device.type == "cuda":
-        result["depthwise_ms"] = depthwise_breakdown(args, device, amp)
-    save()
+    result = {"device": device_name(device), "torch": torch.__version__,
+              "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize, "psize": args.psize,
+                         "amp": device.type == "cuda", "compile": args.compile, "workers": args.workers,
+                         "steps": args.steps}}
+    paths = args.paths or [p for p in PATHS if p != "fast_graph" or device.type == "cuda"]
+    for b in args.batch_sizes:
+        n_images = b * (WARMUP_STEPS + args.steps + profiled_steps(args, b) + 1)
+        g = torch.Generator().manual_seed(args.seed)
+        images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, train_cifar.N_CLASSES, (n_images,), generator=g)
+        plan = train_cifar.EpochPlan(n_images, b, args.seed, 0)
+        section = result.setdefault(f"batch_{b}", {})
+        for path in paths:
+            recipe = recipe_for(args, b, path)
+            section[path] = measure_path(args, path, recipe, device, images, labels, plan)
+            m = section[path]
+            print(f"batch {b:4d} {path:11s}: {m['img_s']:9,.0f} img/s whole step, "
+                  f"{m['model_only_img_s']:9,.0f} model only; the 200-epoch recipe's training in "
+                  f"{m['recipe_training_seconds'] / 60:.1f} min", flush=True)
+            if "plain" in section:
+                m["speedup_over_plain"] = m["img_s"] / section["plain"]["img_s"]
+            save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json")
+        if device.type == "cuda":
+            args.batch_size = b
+            section["depthwise_ms"] = depthwise_breakdown(args, device, device.type == "cuda")
+            save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json")
     print(f"wrote {out / 'benchmark.json'}")
     return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hdim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--ksize", type=int, default=9)
+    p.add_argument("--psize", type=int, default=1)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: all that run on the device")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on every path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the plain path's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for benchmark.json (default: a new one under runs/)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or min(args.batch_sizes) < 1:
+        p.error("--steps and --batch-sizes must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    benchmark(parse_args())

@@ -3,17 +3,22 @@
 #
 #   bash tools/gpu_check.sh OUT_DIR tests bench     # any of: tests bench short main, in this order
 #
-#   tests  the fast path's tests on the GPU: Triton kernels vs nn.Conv2d (float32 and bfloat16,
-#          batch up to 512), under torch.compile, and the batch augmentation vs the CPU path
-#          (OUT_DIR/pytest_gpu.txt; about 5 minutes on an H200)
-#   bench  train_cifar.py --benchmark for ConvMixer-256/8 k9 p1 at batch 512, eager and with
-#          --compile: plain vs fast whole step, model only, augmentation only, a profiled step,
-#          one depthwise layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt)
+#   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d (float32
+#          and bfloat16, batch up to 512), the batch augmentation on CUDA vs the CPU, the device
+#          step and its CUDA graph (OUT_DIR/pytest_gpu.txt). GPU_TESTS=all adds the rest of the
+#          fast path's tests: torch.compile of the kernels, and the CPU-side augmentation tests
+#          (about 5 minutes on an H200).
+#   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager and with
+#          --compile: each path's whole step, model only, augmentation only, a profiled step, the
+#          200-epoch recipe's estimated time, one depthwise layer per algorithm
+#          (OUT_DIR/bench*/benchmark.json, console in bench.txt)
 #   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast (OUT_DIR/short)
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
-#          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}; with MAIN_SECONDS set, it is stopped
-#          (SIGTERM) after that many seconds and saves last.pt: continue it with the same command,
-#          which resumes the run. A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
+#          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in its console.txt). A run
+#          already there, or else committed under results/ with that name, is continued (--resume).
+#          With MAIN_SECONDS set, it is stopped (SIGTERM) after that many seconds and saves last.pt:
+#          continue it with the same command, from OUT_DIR or from the folder committed under
+#          results/. A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
 #
 # "tests" and "bench" use synthetic images; "short" and "main" need CIFAR-10 in ./data (downloaded
 # there on first use). No GPU is needed to check that the kernels compile for an H100:
@@ -30,11 +35,13 @@ for step in "$@"; do
     start=$(date +%s)
     case "$step" in
     tests)
-        timeout 900 python -m pytest -q -rs --durations=10 -k "fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only" \
+        selection="(fast_depthwise and not compiles_into_one_graph and not compile_for_an_h100) or batch_augment_on_cuda or cuda_only"
+        [ "${GPU_TESTS:-}" = all ] && selection="fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only"
+        timeout 900 python -m pytest -q -rs --durations=15 -k "$selection" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
         for compile in "" "--compile"; do
-            timeout 300 python train_cifar.py --hdim 256 --depth 8 --ksize 9 --batch-size 512 --benchmark \
+            timeout 400 python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 64 512 \
                 $compile --out "$out_dir/bench${compile:+_compile}" >> "$out_dir/bench.txt" 2>&1 || status=1
         done ;;
     short)
@@ -42,16 +49,35 @@ for step in "$@"; do
             --fast --data data --out "$out_dir/short" > "$out_dir/short_console.txt" 2>&1 \
             && rm -f "$out_dir/short/last.pt" || status=1 ;;
     main)
-        run="$out_dir/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}"
+        name=${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}
+        run="$out_dir/$name"
+        if [ ! -e "$run" ] && [ -d "results/$name" ]; then   # continue the run committed here
+            cp -r "results/$name" "$run" && echo "main: continuing results/$name in $run"
+        fi
         if grep -qs '"final": true' "$run/log.jsonl"; then     # complete (stopped just after its end)
             rm -f "$run/last.pt"; echo "main: $run is complete"; continue
         fi
-        resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
-        limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM "$MAIN_SECONDS")
+        resume=(); [ -f "$run/log.jsonl" ] && resume=(--resume)
+        # A piece: SIGTERM after MAIN_SECONDS saves last.pt mid-epoch; should the process not end
+        # within a minute more, SIGKILL (last.pt is written every --save-every minutes as well).
+        limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM --kill-after=60 "$MAIN_SECONDS")
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags
         "${limit[@]}" python train_cifar.py --hdim 256 --depth 8 --ksize 9 ${MAIN_FLAGS:-} "${resume[@]}" \
-            --data data --out "$run" 2>&1 | tee -a "$out_dir/main_console.txt"
-        [ "${PIPESTATUS[0]}" -eq 0 ] && rm -f "$run/last.pt" || status=1 ;;
+            --data data --out "$run" 2>&1 | tee "$out_dir/main_piece.txt"
+        code=${PIPESTATUS[0]}
+        # The run's console, piece after piece, kept in its folder.
+        [ -d "$run" ] && cat "$out_dir/main_piece.txt" >> "$run/console.txt" && rm "$out_dir/main_piece.txt"
+        if [ "$code" -eq 0 ]; then
+            rm -f "$run/last.pt"
+        else
+            status=1
+            python - "$run/last.pt" <<'EOF' 2>/dev/null
+import sys, torch
+s = torch.load(sys.argv[1], weights_only=True)
+print(f"main: not finished; last.pt holds epoch {s['epoch'] + 1}, step {s['step']} of {s['recipe']['epochs']}"
+      f" epochs: keep the run's folder with its last.pt to continue it")
+EOF
+        fi ;;
     *)
         echo "unknown step $step (tests, bench, short, main)"; exit 2 ;;
     esac

@@ -1,6 +1,6 @@
 """Mutation testing of the training recipe: does the test suite notice a small, realistic bug?
 
-    python tools/mutants.py                  # every mutant; about 6 minutes on 2 CPU cores
+    python tools/mutants.py                  # every mutant; about 12 minutes on 2 CPU cores
     python tools/mutants.py --list           # their names and what each one breaks
     python tools/mutants.py lr_per_epoch flip_tta_vertical
 
@@ -58,7 +58,8 @@ MUTANTS = [
     Mutant("no_clipping", "gradient clipping removed", "train_cifar.py",
            "    if clip > 0:\n", "    if False:\n", "clipping"),
     Mutant("clip_not_passed", "the trainer never passes --clip to the step", "train_cifar.py",
-           "self.amp, recipe.clip)", "self.amp, 0.0)", "learning_rate"),
+           "self.amp,\n                            self.recipe.clip)", "self.amp,\n                            0.0)",
+           "learning_rate"),
     Mutant("val_from_the_front", "--val takes the first training images, which are trained on",
            "train_cifar.py", "self.val = (images[n - recipe.val:], labels[n - recipe.val:])",
            "self.val = (images[:recipe.val], labels[:recipe.val])", "val_is"),
@@ -91,7 +92,18 @@ MUTANTS = [
     Mutant("cpu_erasing_fixed", "the per-image erasing at p 0.5, whatever --reprob says", "train_cifar.py",
            'v2.RandomErasing(p=recipe.reprob, value="random")', 'v2.RandomErasing(p=0.5, value="random")',
            "cpu_transform_crops"),
+    Mutant("same_mix_every_step", "one MixUp/CutMix draw for every step of an epoch", "train_cifar.py",
+           "manual_seed(plan.mix_seeds[self.step])", "manual_seed(plan.mix_seeds[0])", "random_choice"),
+    Mutant("same_draws_every_epoch", "each image augmented alike in every epoch", "train_cifar.py",
+           "self.image_seeds = torch.randint(2**62, (n_images,), generator=g).tolist()",
+           "self.image_seeds = torch.randint(2**62, (n_images,), generator=torch.Generator().manual_seed(seed))"
+           ".tolist()", "random_choice"),
+    Mutant("same_seed_every_image", "every image of a batch augmented alike", "train_cifar.py",
+           "(self.order[j], self.image_seeds[j])", "(self.order[j], self.image_seeds[s * b])", "random_choice"),
     # The batch augmentation (fast/augment.py)
+    Mutant("same_draws_every_chunk", "--fast augments every chunk of an epoch with the same draws",
+           "fast/augment.py", "generator.manual_seed(plan.augment_seeds[start])",
+           "generator.manual_seed(plan.augment_seeds[0])", "random_choice"),
     Mutant("wrong_op", "every image gets the next op of the table, not the one it drew",
            "fast/augment.py", "out[index] = BATCHED_OPS[spec.name](images[index], a, self.fill)",
            "out[index] = BATCHED_OPS[self.ops[(g + 1) % skip].name](images[index], a, self.fill)",

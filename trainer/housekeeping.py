@@ -1,12 +1,10 @@
 """Housekeeping of a train_cifar.py run, kept apart so that the trainer reads as the recipe: the
-checks that give every bad flag a one-line error, the run's files (checkpoints written atomically,
-the JSON-lines log, what --resume reads back), the progress lines, and stopping cleanly on Ctrl-C or
-SIGTERM. Nothing here changes what is trained.
+checks that give every bad flag (and a missing or corrupt data set) a one-line error, the progress
+lines, and stopping cleanly on Ctrl-C or SIGTERM (the run's files are in files.py). Nothing here
+changes what is trained.
 """
 import argparse
-import json
 import math
-import os
 import platform
 import signal
 import sys
@@ -32,9 +30,9 @@ class OneLineErrors(argparse.ArgumentParser):
 def check_args(args, n_train_images):
     """Raise ValueError naming the first flag whose value cannot work; sets args.n_train (the
     training images left after --subset and --val, of --fake-data or of the n_train_images)."""
-    rules = [("hdim depth ksize psize epochs batch_size bench_steps lr eps", lambda v: v > 0, "be positive"),
-             ("wd clip mixup cutmix workers val fake_data eval_every ra_n ra_mstd progress_every",
-              lambda v: v >= 0, "not be negative"),
+    rules = [("hdim depth ksize psize epochs batch_size lr eps", lambda v: v > 0, "be positive"),
+             ("wd clip mixup cutmix workers val fake_data eval_every ra_n ra_mstd progress_every save_every",
+              lambda v: v is None or v >= 0, "not be negative"),
              ("reprob label_smoothing ra_p", lambda v: 0 <= v <= 1, "be in [0, 1]"),
              ("ra_m", lambda v: 0 <= v <= 10, "be in [0, 10], timm's magnitude scale"),
              ("scale", lambda v: 0 < v <= 1, "be in (0, 1]"),
@@ -61,16 +59,16 @@ def check_args(args, n_train_images):
         (args.val >= n_available, f"--val {args.val} leaves no training images (there are {n_available})"),
         ((args.subset or 0) > n_available - args.val, f"--subset {args.subset} is larger than the "
          f"{n_available - args.val} training images left after --val {args.val}"),
-        (not args.eval and not args.benchmark and args.n_train < args.batch_size,
+        (not args.eval and args.n_train < args.batch_size,
          f"--batch-size {args.batch_size} is larger than the {args.n_train} training images"),
         (args.resume and not args.out, "--resume needs --out, the folder of the run to continue"),
-        (sum(map(bool, (args.resume, args.eval, args.benchmark))) > 1,
-         "--resume, --eval and --benchmark do not go together"),
+        (args.resume and args.eval, "--resume and --eval do not go together"),
         (args.out and Path(args.out).exists() and not Path(args.out).is_dir(),
          f"--out {args.out} is a file, not a folder; choose a folder"),
         (args.out and not args.resume and not args.eval and Path(args.out).is_dir()
-         and any(Path(args.out).iterdir()), f"--out {args.out} already exists and is not empty; "
-         "add --resume to continue that run, or choose another folder")]
+         and any(f.suffix != ".tmp" for f in Path(args.out).iterdir()),      # a kill's .tmp is no run
+         f"--out {args.out} already exists and is not empty; add --resume to continue that run, "
+         "or choose another folder")]
     for bad, message in problems:
         if bad:
             raise ValueError(message)
@@ -80,10 +78,59 @@ def check_args(args, n_train_images):
         raise ValueError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
+    if getattr(args, "fast", False) is None:           # the default: the fast path on CUDA
+        args.fast = cuda
+    if getattr(args, "step_mode", "host") == "graph" and not cuda and not args.resume:
+        raise ValueError(f"--step-mode graph needs a CUDA device (it replays a CUDA graph), "
+                         f"not {args.device}")
+
+
+def open_cifar10(root, train):
+    """torchvision's CIFAR10 in `root`, downloaded there if missing; one line of error for a file
+    where the folder should be, a folder that cannot be written, no network, or a corrupt file."""
+    folder = Path(root) / "cifar-10-batches-py"
+    if Path(root).exists() and not Path(root).is_dir():
+        raise Fail(f"--data {root} is a file; give the folder that holds (or will hold) cifar-10-batches-py")
+    try:
+        return torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except PermissionError as e:
+        raise Fail(f"--data {root}: cannot read or write there ({e.strerror}: {e.filename})") from None
+    except Exception as e:   # no network, a bad mirror, a corrupt archive...
+        files = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list
+        bad = [folder / name for name, md5 in files if (folder / name).exists()
+               and not torchvision.datasets.utils.check_integrity(str(folder / name), md5)]
+        if bad:      # torchvision tried to download it again, and could not
+            raise Fail(f"--data {root}: {bad[0]} fails CIFAR-10's MD5 checksum (truncated or "
+                       f"corrupt); delete it, or the whole {folder}, to download it again") from None
+        raise Fail(f"--data {root}: CIFAR-10 is not there and could not be downloaded ({e}). "
+                   f"Put the official python version there, as {folder}/ "
+                   f"or {Path(root) / 'cifar-10-python.tar.gz'}") from None
+
+
+def non_finite_loss(steps_done, steps_per_epoch, out):
+    """The error for a loss that became nan or inf at the run's step `steps_done` (from 1)."""
+    epoch, step = divmod(steps_done - 1, steps_per_epoch)
+    return Fail(f"the loss became nan or inf at epoch {epoch + 1}, step {step + 1}; stopped before "
+                f"updating the weights; the last good checkpoint, {out / 'last.pt'}, was kept")
 
 
 # ---------------------------------------------------------------------------------------------
 # Progress, and stopping between steps on Ctrl-C or SIGTERM
+
+def announce(recipe, n_params, steps_per_epoch, where, out):
+    """The run's first line: what is trained, on what, where it is written, and from which code."""
+    print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: {n_params:,} parameters; "
+          f"{recipe.n_train:,} training images, {steps_per_epoch} steps/epoch, {recipe.epochs} "
+          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{' (fast path)' if recipe.fast else ''}; "
+          f"writing to {out}; code: {describe_code(where['code'])}", flush=True)
+
+
+def describe_code(code):
+    if code is None:
+        return "not a git checkout (set CONVMIXER_COMMIT to record the commit of a copy)"
+    changes = {True: " with uncommitted changes", False: "", None: " (as CONVMIXER_COMMIT names it)"}
+    return f"commit {code['commit'][:12]}{changes[code['dirty']]}"
+
 
 class Progress:
     """What a person sees while an epoch runs: on a terminal one line redrawn every step; in a
@@ -93,21 +140,22 @@ class Progress:
     def __init__(self, recipe, steps_done, every, device):
         self.steps_per_epoch = recipe.n_train // recipe.batch_size
         self.total = recipe.epochs * self.steps_per_epoch
-        self.batch_size, self.every, self.device = recipe.batch_size, every, device
+        self.batch_size, self.epochs = recipe.batch_size, recipe.epochs
+        self.every, self.device = every, device
         self.live = sys.stdout.isatty()
         self.start, self.start_steps = time.time(), steps_done
         self.last_line, self.estimated = self.start, False
 
     def step(self, epoch, step, loss):
+        """After a step; `loss` may be a device tensor, read (a host sync) only for a line printed."""
         now, done = time.time(), epoch * self.steps_per_epoch + step
         rate = (done - self.start_steps) / max(now - self.start, 1e-9)          # steps per second
         eta = format_seconds((self.total - done) / max(rate, 1e-9))
-        line = (f"  epoch {epoch + 1} step {step}/{self.steps_per_epoch}  loss {loss:.3f}  "
-                f"{rate * self.batch_size:,.0f} img/s  ETA {eta}")
-        if self.live:
-            print("\r" + line + " ", end="", flush=True)
-        elif now - self.last_line >= self.every:
-            print(line, flush=True)
+        # On a terminal the line is redrawn up to 10 times a second; in a file, every `every` s.
+        if now - self.last_line >= (0.1 if self.live else self.every):
+            line = (f"  epoch {epoch + 1} step {step}/{self.steps_per_epoch}  loss {float(loss):.3f}  "
+                    f"{rate * self.batch_size:,.0f} img/s  ETA {eta}")
+            print("\r" + line + " " if self.live else line, end="" if self.live else "\n", flush=True)
             self.last_line = now
         if not self.estimated and now - self.start >= self.every:
             self.estimated = True
@@ -121,6 +169,14 @@ class Progress:
     def end_epoch(self):
         if self.live:
             print("\r" + " " * 100 + "\r", end="")
+
+    def end_of_epoch(self, record):
+        """The line that stays: the epoch's log record, in words."""
+        print(f"epoch {record['epoch']:3d}/{self.epochs}  loss {record['train_loss']:.4f}  "
+              f"train {record['train_acc']:5.2f}%  "
+              + "".join(f"{k[:-4]} {record[k]:5.2f}%  " for k in ("test_acc", "val_acc") if k in record)
+              + f"lr {record['lr']:.5f}  {record['epoch_seconds']:.1f} s  "
+              f"{record['images_per_second']:,.0f} img/s", flush=True)
 
 
 def ignore_sigint(_):
@@ -150,84 +206,6 @@ class Interrupted(Exception):
                          f"state saved to {out / 'last.pt'}. Continue with: "
                          f"python train_cifar.py --resume --out {out}")
         self.exit_code = 128 + signum
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: checkpoints are replaced atomically, so a kill mid-write leaves the previous one intact.
-
-def save_atomic(obj, path, write=torch.save):
-    tmp = path.with_name(path.name + ".tmp")
-    write(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_log(path, record, mode="a"):
-    with open(path, mode) as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_resume_state(out, recipe_keys):
-    """last.pt's contents, after checking that this version can continue that run."""
-    for name in ("last.pt", "log.jsonl"):
-        if not (out / name).exists():
-            raise Fail(f"--resume: {out / name} does not exist; is {out} a run of train_cifar.py?")
-    state = read_checkpoint(out / "last.pt", "--resume")
-    missing = [k for k in recipe_keys if k not in state.get("recipe", {})]
-    if missing:
-        raise Fail(f"--resume: {out / 'last.pt'} was written by an older train_cifar.py, whose "
-                   f"recipe lacks {', '.join(missing)}; this version cannot continue it")
-    epochs = state["recipe"]["epochs"]
-    if state["epoch"] < epochs:
-        print(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']} "
-              f"(the recipe is taken from last.pt)")
-    elif any(r.get("final") for r in read_log(out / "log.jsonl")):
-        raise Fail(f"--resume: the run in {out} has already finished all its epochs")
-    else:       # stopped between the last epoch and the final evaluation: do that now
-        print(f"resuming {out}: all {epochs} epochs are done; final evaluation and model.pt")
-    return state
-
-
-def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def start_log(out, recipe, device, n_params, resume_state=None):
-    """Create the run's folder and start log.jsonl with the recipe and versions; when resuming, cut
-    the log back to where last.pt stands instead. One line of error if --out cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_state is None:
-            write_log(out / "log.jsonl", {"config": recipe, "versions": {
-                "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "python": platform.python_version()}, "device": device_name(device),
-                "n_params": n_params, "argv": sys.argv}, mode="w")
-        else:
-            rewrite_log_for_resume(out / "log.jsonl", resume_state["epoch"], resume_state["step"], device)
-    except OSError as e:
-        raise Fail(f"--out {out}: cannot write there ({e.strerror}: {e.filename})") from None
-
-
-def rewrite_log_for_resume(path, epoch, step, device):
-    """Drop epoch lines written after last.pt (a kill between the two writes), then say so."""
-    keep = [r for r in read_log(path)
-            if not r.get("final") and not ("train_loss" in r and r["epoch"] > epoch)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    write_log(path, {"resumed": True, "epoch": epoch + 1, "step": step,
-                     "device": device_name(device), "torch": torch.__version__})
-
-
-def read_checkpoint(path, flag):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise Fail(f"{flag} {path}: cannot read it as a checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise Fail(f"{flag} {path}: not a checkpoint written by train_cifar.py "
-                   f"(needs 'state_dict' and 'config')")
-    return ckpt
 
 
 def device_name(device):
