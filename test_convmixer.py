@@ -878,74 +878,26 @@ def test_sigkill_at_random_instants_never_loses_the_run(killable_reference, tmp_
     assert kills == 8 and any(r["step"] > 0 for r in resumes), f"seed {seed}: no resume mid-epoch"
 
 
-@pytest.mark.parametrize("kind,calls", [("checkpoint", (1, 3, 17)), ("rename", (2, 19)), ("model", (1,)),
-                                        ("log", (1, 2, 4, 3))])
-def test_sigkill_inside_a_checkpoint_or_log_write_resumes_exactly(killable_reference, tmp_path, kind, calls):
-    """Killed halfway through writing the log's first line, the first last.pt, one mid-epoch;
-    between writing the first last.pt (and one later) and renaming it; halfway through model.pt;
-    halfway through a line of the log (the epoch 1 line twice, the epoch 3 line, the final line)."""
+def test_sigkill_inside_each_kind_of_write_resumes_exactly(killable_reference, tmp_path):
+    """One run killed inside its writes, one kind after another (each process counts its own
+    writes), resumed after each kill: the end is the uninterrupted run's."""
     reference, _ = killable_reference
-    out = tmp_path / "run"
-    for n in calls:
+    out, said = tmp_path / "run", []
+    for kind, n, where in [
+            ("checkpoint", 1, "halfway through the log's first line (its .tmp)"),
+            ("rename", 2, "between writing the first last.pt and renaming it"),
+            ("checkpoint", 17, "halfway through a last.pt in epoch 2 (after a restart from the log)"),
+            ("log", 2, "halfway through the epoch 2 line"),
+            ("model", 0, "halfway through model.pt"),
+            ("log", 2, "halfway through the final line"),
+            ("rename", 2, "between writing model.pt and renaming it")]:
         proc = start_or_resume(out, killer=[kind, n])
         stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (kind, n, stdout + stderr)
-    _, stderr = finish(out)
-    if kind == "log":
-        assert "cut short by a kill or a full disk; dropped" in stderr     # said once, in one line
+        assert proc.returncode == -signal.SIGKILL, (where, stdout + stderr)
+        said.append(stderr)
+    said.append(finish(out)[1])
+    assert sum("cut short by a kill or a full disk; dropped" in text for text in said) == 2   # once each
     assert_same_run(out, reference)
-
-
-def test_gpu_check_main_continues_a_run_committed_under_results(killable_reference, tmp_path):
-    """tools/gpu_check.sh's main step, on the CPU: a run stopped mid-epoch and committed under
-    results/ is continued in the output folder, its console kept in the run's folder, and a run
-    that is complete is recognised as such."""
-    reference, _ = killable_reference
-    checkout = tmp_path / "checkout"
-    checkout.mkdir()
-    for name in ("train_cifar.py", "convmixer.py", "trainer", "fast", "tools"):
-        (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, checkout / name)
-    committed = checkout / "results" / "tiny"
-    start_or_resume(committed, killer=["rename", 15]).communicate(timeout=300)   # killed in epoch 2
-    (committed / "last.pt.tmp").unlink()                          # git ignores *.tmp
-    stopped = torch.load(committed / "last.pt", weights_only=True)
-    assert (stopped["epoch"], stopped["step"]) == (1, 1)
-    env = {**os.environ, "RUN_NAME": "tiny", "MAIN_FLAGS": "--device cpu --workers 0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-    def gpu_check(out):
-        return subprocess.run(["bash", "tools/gpu_check.sh", str(out), "main"], cwd=checkout, env=env,
-                              capture_output=True, text=True, timeout=300)
-    result = gpu_check(tmp_path / "out")
-    assert result.returncode == 0, result.stdout + result.stderr
-    run = tmp_path / "out" / "tiny"
-    assert f"main: continuing results/tiny in {run}" in result.stdout
-    console = (run / "console.txt").read_text()
-    assert console.startswith(f"resuming {run} at epoch 2, step 1") and "final test accuracy" in console
-    assert not (run / "last.pt").exists() and (run / "model.pt").exists()
-    assert without_timings(read_log(run)) == without_timings(read_log(reference))
-    a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (run, reference))
-    assert all(torch.equal(a[k], v) for k, v in b.items())
-    again = gpu_check(tmp_path / "out")
-    assert again.returncode == 0 and f"main: {run} is complete" in again.stdout
-
-
-def test_plot_run_draws_the_committed_runs_and_one_in_progress(tmp_path):
-    runs = sorted(str(d) for d in (HERE / "results").glob("cifar10_256_8_k5_p2_*"))
-    assert len(runs) == 3
-    in_progress = tmp_path / "in_progress"
-    in_progress.mkdir()
-    lines = (HERE / "results" / "cifar10_256_8_k5_p2_plain_seed0" / "log.jsonl").read_text().splitlines()
-    (in_progress / "log.jsonl").write_text("\n".join(lines[:13]) + "\n" + lines[13][:30])  # 12 epochs, torn
-    out = tmp_path / "curves.png"
-    result = subprocess.run([sys.executable, str(HERE / "tools" / "plot_run.py"), *runs, str(in_progress),
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
-    assert "cut short" in result.stderr
-    result = subprocess.run([sys.executable, str(HERE / "tools" / "plot_run.py"), str(tmp_path),
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "no log.jsonl there" in result.stderr
 
 
 def test_a_run_with_the_device_step_resumes_exactly(tmp_path):
@@ -977,7 +929,9 @@ def test_a_torn_last_log_line_is_dropped_on_resume(reference_run, tmp_path):
     assert all(torch.equal(again[k], v) for k, v in finished.items())
 
 
-def test_damaged_files_get_one_line_each(killable_reference, tmp_path):
+def test_damaged_files_get_one_line_each(killable_reference, tmp_path, capsys, keep_signal_handlers):
+    """Run in this process (train_cifar.main), to spare a start per case."""
+    import train_cifar
     reference, _ = killable_reference
     cases = []
 
@@ -1006,19 +960,20 @@ def test_damaged_files_get_one_line_each(killable_reference, tmp_path):
     cut_model.write_bytes((reference / "model.pt").read_bytes()[:2000])
     cases.append((["--eval", cut_model, "--fake-data", "100"], f"--eval {cut_model}: cannot read it"))
     for argv, expected in cases:
-        result = run_script(*argv, "--device", "cpu", "--workers", "0", check=False, timeout=120)
-        error = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and len(error) == 1, (argv, result.stderr)
-        assert error[0].startswith("train_cifar.py: error: ") and expected in error[0], (argv, error)
+        with pytest.raises(SystemExit) as e:
+            train_cifar.main([*map(str, argv), "--device", "cpu", "--workers", "0"])
+        error = str(e.value.code)
+        assert error.startswith("train_cifar.py: error: ") and "\n" not in error and expected in error, argv
+        assert not capsys.readouterr().err, argv                       # that line and nothing else
 
     stray = damaged("stray_tmp", lambda o: (o / "last.pt.tmp").write_bytes(b"half a checkpoint"))
-    run_script("--resume", "--out", stray, "--workers", "0", "--device", "cpu")
+    train_cifar.main(["--resume", "--out", str(stray), "--workers", "0", "--device", "cpu"])
     assert_same_run(stray, reference)
     # A kill before anything was written leaves at most a .tmp: the first command works again.
     early = tmp_path / "early"
     early.mkdir()
     (early / "log.jsonl.tmp").write_text('{"config": {"hd')
-    run_script(*KILLABLE, "--out", early)
+    train_cifar.main([*KILLABLE, "--out", str(early)])
     assert_same_run(early, reference)
 
 
@@ -1087,7 +1042,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_continues_it(
     saved = torch.load(out / "last.pt", weights_only=True)                    # intact
     assert f"last.pt holds epoch {saved['epoch'] + 1}, step {saved['step']}" in message
     assert not list(out.glob("*.tmp")) and read_log(out)                      # whole lines only
-    run_script("--resume", "--out", out, "--workers", "0", "--device", "cpu")
+    train_cifar.main(["--resume", "--out", str(out), "--workers", "0", "--device", "cpu"])
     assert_same_run(out, reference)
 
 
@@ -1116,7 +1071,9 @@ def test_a_real_full_disk_stops_the_run_and_resume_continues_once_there_is_room(
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-def test_the_log_records_the_commit_at_each_start_and_resume(killable_reference, tmp_path):
+def test_the_log_records_the_commit_at_each_start_and_resume(killable_reference, tmp_path,
+                                                             keep_signal_handlers):
+    import train_cifar
     reference, _ = killable_reference
     head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
@@ -1125,7 +1082,7 @@ def test_the_log_records_the_commit_at_each_start_and_resume(killable_reference,
     shutil.copytree(reference, out)
     (out / "model.pt").unlink()
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_log(out)[:-1]))
-    run_script("--resume", "--out", out, "--workers", "0", "--device", "cpu")
+    train_cifar.main(["--resume", "--out", str(out), "--workers", "0", "--device", "cpu"])
     starts = [r for r in read_log(out) if "config" in r or r.get("resumed")]
     assert len(starts) == 2
     for record in starts:
@@ -1685,7 +1642,8 @@ def test_every_mutant_of_tools_mutants_still_applies_to_the_code():
 def test_benchmark_measures_every_path_at_both_batch_sizes_in_one_file(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / "fast" / "benchmark.py"), "--hdim", "16",
                              "--depth", "1", "--ksize", "3", "--psize", "4", "--batch-sizes", "8", "16",
-                             "--steps", "2", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "bench")],
+                             "--steps", "2", "--device", "cpu", "--workers", "0",
+                             "--out", str(tmp_path / "bench")],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
