@@ -900,6 +900,58 @@ def test_sigkill_inside_each_kind_of_write_resumes_exactly(killable_reference, t
     assert_same_run(out, reference)
 
 
+def test_gpu_check_main_continues_a_run_committed_under_results(killable_reference, tmp_path):
+    """tools/gpu_check.sh's main step, on the CPU: a run stopped mid-epoch and committed under
+    results/ is continued in the output folder, its console kept in the run's folder, and a run
+    that is complete is recognised as such."""
+    reference, _ = killable_reference
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("train_cifar.py", "convmixer.py", "trainer", "fast", "tools"):
+        (shutil.copytree if (HERE / name).is_dir() else shutil.copy)(HERE / name, checkout / name)
+    committed = checkout / "results" / "tiny"
+    start_or_resume(committed, killer=["rename", 15]).communicate(timeout=300)   # killed in epoch 2
+    (committed / "last.pt.tmp").unlink()                          # git ignores *.tmp
+    stopped = torch.load(committed / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (1, 1)
+    env = {**os.environ, "RUN_NAME": "tiny", "MAIN_FLAGS": "--device cpu --workers 0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def gpu_check(out):
+        return subprocess.run(["bash", "tools/gpu_check.sh", str(out), "main"], cwd=checkout, env=env,
+                              capture_output=True, text=True, timeout=300)
+    result = gpu_check(tmp_path / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "out" / "tiny"
+    assert f"main: continuing results/tiny in {run}" in result.stdout
+    console = (run / "console.txt").read_text()
+    assert console.startswith(f"resuming {run} at epoch 2, step 1") and "final test accuracy" in console
+    assert not (run / "last.pt").exists() and (run / "model.pt").exists()
+    assert without_timings(read_log(run)) == without_timings(read_log(reference))
+    a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (run, reference))
+    assert all(torch.equal(a[k], v) for k, v in b.items())
+    again = gpu_check(tmp_path / "out")
+    assert again.returncode == 0 and f"main: {run} is complete" in again.stdout
+
+
+def test_plot_run_draws_the_committed_runs_and_one_in_progress(tmp_path):
+    runs = sorted(str(d) for d in (HERE / "results").glob("cifar10_256_8_k5_p2_*"))
+    assert len(runs) == 3
+    in_progress = tmp_path / "in_progress"
+    in_progress.mkdir()
+    lines = (HERE / "results" / "cifar10_256_8_k5_p2_plain_seed0" / "log.jsonl").read_text().splitlines()
+    (in_progress / "log.jsonl").write_text("\n".join(lines[:13]) + "\n" + lines[13][:30])  # 12 epochs, torn
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, str(HERE / "tools" / "plot_run.py"), *runs, str(in_progress),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert "cut short" in result.stderr
+    result = subprocess.run([sys.executable, str(HERE / "tools" / "plot_run.py"), str(tmp_path),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "no log.jsonl there" in result.stderr
+
+
 def test_a_run_with_the_device_step_resumes_exactly(tmp_path):
     """--step-mode device keeps the epoch's sums on the device: killed mid-epoch between two saves
     (and its sums read back before each), resumed, it ends as its uninterrupted twin did."""

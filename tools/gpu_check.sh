@@ -58,15 +58,15 @@ for step in "$@"; do
             rm -f "$run/last.pt"; echo "main: $run is complete"; continue
         fi
         resume=(); [ -f "$run/log.jsonl" ] && resume=(--resume)
-        # A piece: SIGTERM after MAIN_SECONDS saves last.pt mid-epoch; should the process not end
+        # With MAIN_SECONDS: SIGTERM then saves last.pt mid-epoch; should the process not end
         # within a minute more, SIGKILL (last.pt is written every --save-every minutes as well).
         limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM --kill-after=60 "$MAIN_SECONDS")
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags
         "${limit[@]}" python train_cifar.py --hdim 256 --depth 8 --ksize 9 ${MAIN_FLAGS:-} "${resume[@]}" \
-            --data data --out "$run" 2>&1 | tee "$out_dir/main_piece.txt"
+            --data data --out "$run" 2>&1 | tee "$out_dir/main_part.txt"
         code=${PIPESTATUS[0]}
-        # The run's console, piece after piece, kept in its folder.
-        [ -d "$run" ] && cat "$out_dir/main_piece.txt" >> "$run/console.txt" && rm "$out_dir/main_piece.txt"
+        # The run's console, one call after another, kept in its folder.
+        [ -d "$run" ] && cat "$out_dir/main_part.txt" >> "$run/console.txt" && rm "$out_dir/main_part.txt"
         if [ "$code" -eq 0 ]; then
             rm -f "$run/last.pt"
         else
