@@ -85,8 +85,8 @@ class DeviceStep:
 
     def body(self, images, targets):
         """What one step does, all of it on the device (and so capturable)."""
-        # Under a graph, autocast's cache of cast weights is off (as PyTorch's notes on make_graphed_callables
-        # ask of autocast in a capture).
+        # Under a graph, autocast's cache of cast weights is off: PyTorch's notes on
+        # make_graphed_callables ask it of autocast in a capture.
         with torch.autocast(images.device.type, torch.bfloat16, enabled=self.amp,
                             cache_enabled=not self.graph):
             logits = self.net(images)
@@ -123,7 +123,7 @@ class DeviceStep:
             for _ in range(3):
                 self.body(self.static_images, self.static_targets)
         torch.cuda.current_stream().wait_stream(side)
-        # The optimizer's state now exists (AdamW makes it at its first step): save what is new.
+        # The optimizer's state exists now (AdamW makes it at its first step): what is new is reset.
         new = [t for state in self.optimizer.state.values() for t in state.values()
                if isinstance(t, torch.Tensor) and not any(t is s for s in tensors)]
         self.captured = torch.cuda.CUDAGraph()
