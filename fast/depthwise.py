@@ -1,7 +1,7 @@
 """A faster depthwise convolution for ConvMixer's k x k spatial mixing, written in Triton.
 
 Why: PyTorch's native depthwise kernels are slow for large kernels (the official ConvMixer
-repository calls them poorly optimized); `train_cifar.py --benchmark` profiles where a step's
+repository calls them poorly optimized); `fast/benchmark.py` profiles where a step's
 GPU time goes. The convolution itself is simple: each output pixel is the sum of k*k input
 pixels of the same channel, each times one weight:
 
