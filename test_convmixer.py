@@ -860,8 +860,16 @@ def test_sigkill_at_random_instants_never_loses_the_run(killable_reference, tmp_
             if (out / "last.pt").exists():
                 state = torch.load(out / "last.pt", weights_only=True)
                 done = (state["epoch"] * 10 + state["step"]) / 30
-            # An instant of this process's life: its start, the training left, the final evaluation.
-            time.sleep(rng.uniform(0, start_seconds + train_seconds * (1 - done)))
+            # Every other kill: an instant of this process's life (its start, the training left, the
+            # final evaluation); the others in its training, which the 5 s start would otherwise
+            # outweigh, so that some resumes are sure to begin mid-epoch.
+            if kills % 2:
+                for line in proc.stdout:                 # until "ConvMixer-...": training begins
+                    if line.startswith("ConvMixer-"):
+                        break
+                time.sleep(rng.uniform(0, train_seconds * (1 - done)))
+            else:
+                time.sleep(rng.uniform(0, start_seconds + train_seconds * (1 - done)))
             if proc.poll() is not None:                  # it ended before this kill
                 stdout, stderr = proc.communicate()
                 assert proc.returncode == 0, (seed, stdout + stderr)
