@@ -715,21 +715,71 @@ def test_resume_between_the_last_epoch_and_the_final_evaluation_finishes_the_run
     assert result.returncode == 1 and "has already finished all its epochs" in result.stderr
 
 
-def test_sigterm_also_saves_and_says_how_to_resume(tmp_path):
+def child_pids(pid):
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("signum, to, workers", [(signal.SIGTERM, "the process", 0),
+                                                 (signal.SIGTERM, "its group", 2),
+                                                 (signal.SIGINT, "its group", 2)])
+def test_sigterm_and_ctrl_c_save_and_say_how_to_resume(tmp_path, signum, to, workers):
+    """To "its group": every process of the run, data workers included, gets the signal, as from
+    `timeout`, a terminal's Ctrl-C, systemd or a batch scheduler. The workers must leave it to the
+    main process, which saves the steps done so far, not fail in the middle of a step."""
+    if to == "its group" and not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("needs Linux's /proc/PID/task/PID/children to see the data workers")
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), "--hdim", "16", "--depth", "1",
                              "--psize", "4", "--epochs", "50", "--batch-size", "50", "--fake-data", "1000",
-                             "--device", "cpu", "--workers", "0", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--workers", str(workers), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
-    while not (out / "last.pt").exists():
+    while not (out / "last.pt").exists() or workers and len(child_pids(proc.pid)) < workers:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    if to == "the process":
+        proc.send_signal(signum)
+    else:
+        os.killpg(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr
-    assert "SIGTERM" in stderr and f"--resume --out {out}" in stderr and "Traceback" not in stderr
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] < 50
+    assert proc.returncode == 128 + signum, stdout + stderr
+    name = signal.Signals(signum).name
+    assert f"{name}: stopped at" in stderr and f"--resume --out {out}" in stderr and "Traceback" not in stderr
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["epoch"] < 50 and (saved["epoch"], saved["step"]) != (0, 0)   # the steps done are kept
+    while time.time() < deadline:                  # and no worker is left behind
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("a data worker outlived the run")
+
+
+def a_data_worker(ready):
+    from trainer.housekeeping import leave_stops_to_the_main_process
+    leave_stops_to_the_main_process(0)
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="PyTorch's own rule stays without it")
+def test_a_data_worker_ends_on_a_sigterm_from_its_main_process_only():
+    """DataLoader ends a worker that does not stop with SIGTERM (Process.terminate); any other
+    sender's SIGTERM is the main process's to handle."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=a_data_worker, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(30)
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)       # from another process
+    worker.join(1)
+    assert worker.is_alive()
+    worker.terminate()                                                    # from its main process
+    worker.join(30)
+    assert worker.exitcode == 0
 
 
 @pytest.mark.parametrize("step_mode", ["host", "device"])

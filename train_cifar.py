@@ -33,8 +33,8 @@ from convmixer import ConvMixer
 from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
                            write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
-                                  check_args, device_name, format_seconds, ignore_sigint, non_finite_loss,
-                                  open_cifar10)
+                                  check_args, device_name, format_seconds, leave_stops_to_the_main_process,
+                                  non_finite_loss, open_cifar10)
 from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -217,7 +217,7 @@ def epoch_batches(recipe, plan, first_step, data, workers, device):
         return device_batches(plan, first_step, data["images"], data["labels"], data["augment"])
     loader = torch.utils.data.DataLoader(
         data["dataset"], batch_sampler=plan.batches(first_step), num_workers=workers,
-        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint if workers else None)
+        pin_memory=device.type == "cuda", worker_init_fn=leave_stops_to_the_main_process if workers else None)
     return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
 
 

@@ -5,9 +5,11 @@ changes what is trained.
 """
 import argparse
 import math
+import os
 import platform
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -179,9 +181,26 @@ class Progress:
               f"{record['images_per_second']:,.0f} img/s", flush=True)
 
 
-def ignore_sigint(_):
-    """Data workers leave Ctrl-C to the main process, which stops cleanly between steps."""
+def leave_stops_to_the_main_process(_worker_id):
+    """In each data worker: Ctrl-C, and a SIGTERM sent to every process of the run (as `timeout`,
+    `kill -- -PGID`, systemd or a batch scheduler's time limit send it), are the main process's to
+    handle: it saves last.pt between two steps, then shuts its workers down. Otherwise a worker dies
+    of the SIGTERM and the main process fails in the middle of a step ("DataLoader worker ... is
+    killed by signal"), losing the steps since the last save. A SIGTERM from the main process (how
+    DataLoader ends a worker that does not stop) still ends the worker, as PyTorch's own handler
+    does; where Python cannot tell who sent it (no sigwaitinfo: macOS), PyTorch's handler stays."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    main_process = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})    # taken by the thread below only
+
+    def take_sigterms():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_process:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterms, daemon=True).start()
 
 
 class StopRequested:
