@@ -1023,6 +1023,45 @@ def test_a_run_with_the_device_step_resumes_exactly(tmp_path):
     assert_same_run(out, tmp_path / "reference")
 
 
+def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(killable_reference, tmp_path,
+                                                                           capsys):
+    """The step mode says how a step runs, not what it computes, so that a long run can take a mode
+    once it is tested; any other recipe flag given to --resume must be the run's own (the original
+    command's flags are), since a resumed run keeps its recipe: ignoring the flag would be silent."""
+    out = tmp_path / "run"
+    start_or_resume(out, killer=["rename", 15]).communicate(timeout=300)
+    stopped = torch.load(out / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (1, 1) and stopped["recipe"]["step_mode"] == "host"
+    log_before = (out / "log.jsonl").read_bytes()
+    for change, words in [(["--epochs", "5"], "--epochs is given as 5 and the run has 3"),
+                          (["--seed", "4"], "--seed is given as 4 and the run has 3"),
+                          (["--no-amp"], "--amp is given as False and the run has True"),
+                          (["--fast"], "--fast is given as True and the run has False")]:
+        lines = error_lines_of_main(["--resume", "--out", out, "--device", "cpu", *change], capsys)
+        assert words in lines[-1] and "start a new run in another --out" in lines[-1], (change, lines)
+    assert (out / "log.jsonl").read_bytes() == log_before
+
+    graph = tmp_path / "graph"                          # a run of CUDA graphs, continued on a CPU
+    shutil.copytree(out, graph)
+    torch.save({**stopped, "recipe": {**stopped["recipe"], "step_mode": "graph"}}, graph / "last.pt")
+    lines = error_lines_of_main(["--resume", "--out", graph, "--device", "cpu"], capsys)
+    assert "needs a CUDA device" in lines[-1] and "--resume --step-mode device" in lines[-1]
+
+    result = run_script("--resume", "--out", out, *KILLABLE, "--step-mode", "device")
+    assert "resuming with --step-mode device (it was host)" in result.stdout
+    resumes = [r for r in read_log(out) if r.get("resumed")]
+    assert [(r["epoch"], r["step"], r["step_mode"]) for r in resumes] == [(2, 1, "device")]
+    assert torch.load(out / "last.pt", weights_only=True)["recipe"]["step_mode"] == "device"
+    # The same update: on CUDA every mode runs the same fused AdamW kernel; on a CPU the host mode's
+    # AdamW is not fused, so the switched run ends as the host run did up to float rounding.
+    switched, reference = (without_timings(read_log(d)) for d in (out, killable_reference[0]))
+    losses = [[r.pop("train_loss", None) for r in log] for log in (switched, reference)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert switched == reference
+    a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (out, killable_reference[0]))
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in b)
+
+
 def test_a_torn_last_log_line_is_dropped_on_resume(reference_run, tmp_path):
     """The case a full disk leaves: log.jsonl ends in half a line; last.pt is intact."""
     out = tmp_path / "torn"

@@ -34,7 +34,7 @@ from trainer.files import (after_a_failed_write, read_model, read_resume_state, 
                            write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
                                   check_args, device_name, format_seconds, leave_stops_to_the_main_process,
-                                  non_finite_loss, open_cifar10)
+                                  non_finite_loss, open_cifar10, parse_noting_given)
 from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -94,7 +94,8 @@ def parse_args(argv=None):
         help="without a terminal, a progress line this often; the whole run's estimate after this long")
     add("--save-every", type=float, metavar="MINUTES", default=2, help="also write last.pt this often "
         "during an epoch, so that a hard kill loses at most this much (0: after every step)")
-    add("--resume", action="store_true", help="continue the run in --out from its last.pt and recipe")
+    add("--resume", action="store_true", help="continue the run in --out from its last.pt, with its recipe "
+        "(of the recipe's flags only --step-mode may change)")
     add("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
     add = p.add_argument_group("speed (optional; the code is in fast/)").add_argument
     add("--fast", action=argparse.BooleanOptionalAction, help="augment whole batches on the device and, "
@@ -102,7 +103,7 @@ def parse_args(argv=None):
     add("--compile", action="store_true", help="torch.compile the model")
     add("--step-mode", choices=["host", "device", "graph"], default="host", help="host: the loss checked "
         "every step; device: checked on the device, no host sync; graph: device, as a CUDA graph")
-    args = p.parse_args(argv)
+    args = parse_noting_given(p, argv)
     try:
         check_args(args, N_TRAIN_IMAGES)          # and the defaults that depend on others (--fast)
     except ValueError as e:
@@ -300,7 +301,7 @@ class Run:
         self.out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
                                     f"_convmixer_{args.hdim}_{args.depth}_k{args.ksize}_p{args.psize}")
         self.device, self.workers = torch.device(args.device), args.workers
-        state = read_resume_state(self.out, RECIPE_KEYS) if args.resume else None
+        state = read_resume_state(self.out, RECIPE_KEYS, args) if args.resume else None
         recipe = self.recipe = argparse.Namespace(
             **(state["recipe"] if state else {k: getattr(args, k) for k in RECIPE_KEYS}))
         torch.manual_seed(recipe.seed)

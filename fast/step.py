@@ -23,10 +23,19 @@ on one yet: --step-mode device and graph stay opt-in until they have.
 import torch
 from torch import nn
 
+from trainer.housekeeping import Fail
+
 
 def make_device_step(run, graph):
     """The DeviceStep of a train_cifar Run. For a graph the optimizer is made capturable, with its
-    learning rate a device tensor; done once last.pt's optimizer state is loaded, which resets both."""
+    learning rate a device tensor; done once last.pt's optimizer state is loaded, which resets both,
+    and "fused" too (a run that took --step-mode host on a CPU, where AdamW is not fused, then
+    continues with --resume --step-mode device)."""
+    if run.device.type != "cuda" and graph:
+        raise Fail(f"this run's --step-mode is graph, which needs a CUDA device, not {run.device}; "
+                   f"continue it here with --resume --step-mode device")
+    for group in run.optimizer.param_groups:
+        group["fused"] = True
     if graph:
         lr = torch.tensor(float(run.optimizer.param_groups[0]["lr"]), device=run.device)
         for group in run.optimizer.param_groups:

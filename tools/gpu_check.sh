@@ -18,7 +18,9 @@
 #          already there, or else committed under results/ with that name, is continued (--resume).
 #          With MAIN_SECONDS set, it is stopped (SIGTERM) after that many seconds and saves last.pt:
 #          continue it with the same command, from OUT_DIR or from the folder committed under
-#          results/. A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
+#          results/. MAIN_FLAGS go to a continued run too, where of the recipe's flags only
+#          --step-mode may differ from the run's own (e.g. MAIN_FLAGS="--step-mode graph" once the
+#          graph's GPU tests have passed). A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
 #
 # "tests" and "bench" use synthetic images; "short" and "main" need CIFAR-10 in ./data (downloaded
 # there on first use). No GPU is needed to check that the kernels compile for an H100:
@@ -57,12 +59,13 @@ for step in "$@"; do
         if grep -qs '"final": true' "$run/log.jsonl"; then     # complete (stopped just after its end)
             rm -f "$run/last.pt"; echo "main: $run is complete"; continue
         fi
-        resume=(); [ -f "$run/log.jsonl" ] && resume=(--resume)
+        # A new run gets the main job's model; a continued one has its recipe in last.pt.
+        recipe=(--hdim 256 --depth 8 --ksize 9); [ -f "$run/log.jsonl" ] && recipe=(--resume)
         # With MAIN_SECONDS: SIGTERM then saves last.pt mid-epoch; should the process not end
         # within a minute more, SIGKILL (last.pt is written every --save-every minutes as well).
         limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM --kill-after=60 "$MAIN_SECONDS")
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags
-        "${limit[@]}" python train_cifar.py --hdim 256 --depth 8 --ksize 9 ${MAIN_FLAGS:-} "${resume[@]}" \
+        "${limit[@]}" python train_cifar.py "${recipe[@]}" ${MAIN_FLAGS:-} \
             --data data --out "$run" 2>&1 | tee "$out_dir/main_part.txt"
         code=${PIPESTATUS[0]}
         # The run's console, one call after another, kept in its folder.

@@ -32,6 +32,10 @@ from trainer.housekeeping import Fail, device_name
 LOG = "log.jsonl"
 # Recipe keys added after runs had been saved without them, and the value those runs ran with.
 ADDED_LATER = {"step_mode": "host"}
+# Recipe keys that say how a step is run, not what it computes (on CUDA every step mode runs the same
+# fused AdamW on the same numbers; fast/step.py): --resume may change them, e.g. to take a step mode
+# once it is tested.
+CHANGEABLE_ON_RESUME = {"step_mode"}
 
 
 class WriteFailed(Fail):
@@ -215,10 +219,29 @@ def read_model(path, flag, build_model, mean, std):
     return model
 
 
-def read_resume_state(out: Path, recipe_keys):
+def read_resume_state(out: Path, recipe_keys, args=None):
     """Where the run in `out` stands: last.pt's contents, after checking that this version can
-    continue it. A run killed in the instant between its log's first line and its first last.pt
-    (written before the first step) restarts from the recipe in its log, which is where it stood."""
+    continue it, with the recipe flags given to --resume (args.given) applied: those of
+    CHANGEABLE_ON_RESUME are taken; any other must agree with the run's recipe, which a resumed run
+    keeps (a flag that would train something else is an error, not silently ignored)."""
+    state = stored_resume_state(out, recipe_keys)
+    recipe = state["recipe"]
+    changed = sorted(k for k in getattr(args, "given", ()) if k in recipe and getattr(args, k) != recipe[k])
+    for key in changed:
+        flag, value = "--" + key.replace("_", "-"), getattr(args, key)
+        if key not in CHANGEABLE_ON_RESUME:
+            raise Fail(f"--resume continues the run in {out} with its own recipe, but {flag} is given "
+                       f"as {value!r} and the run has {recipe[key]!r}; drop the flag, or start a new "
+                       f"run in another --out")
+        print(f"resuming with {flag} {value} (it was {recipe[key]})")
+        recipe[key] = value
+    return state
+
+
+def stored_resume_state(out: Path, recipe_keys):
+    """last.pt's contents, checked. A run killed in the instant between its log's first line and its
+    first last.pt (written before the first step) restarts from the recipe in its log, which is where
+    it stood."""
     log = out / LOG
     if not log.exists():
         raise Fail(f"--resume: {log} does not exist, so {out} holds no run of train_cifar.py "
@@ -270,7 +293,8 @@ def start_log(out: Path, recipe, device, n_params, eval_every, resume_state=None
                       "argv": sys.argv}
             write_atomic((json.dumps(header) + "\n").encode(), out / LOG)
         else:
-            rewrite_log_for_resume(out / LOG, resume_state["epoch"], resume_state["step"], where)
+            how = {k: recipe[k] for k in sorted(CHANGEABLE_ON_RESUME) if k in recipe}   # (as it resumes)
+            rewrite_log_for_resume(out / LOG, resume_state["epoch"], resume_state["step"], {**where, **how})
             for stray in out.glob("*.tmp"):       # a write that a kill cut short: never read
                 stray.unlink(missing_ok=True)
     except WriteFailed as e:

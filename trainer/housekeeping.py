@@ -29,6 +29,16 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def parse_noting_given(parser, argv):
+    """parser.parse_args(argv), and in args.given the flags on the command line: a second parse with
+    every default a marker tells them from defaults (--resume checks them against the run's recipe)."""
+    args = parser.parse_args(argv)
+    marker = object()
+    parser.set_defaults(**dict.fromkeys(vars(args), marker))
+    args.given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not marker}
+    return args
+
+
 def check_args(args, n_train_images):
     """Raise ValueError naming the first flag whose value cannot work; sets args.n_train (the
     training images left after --subset and --val, of --fake-data or of the n_train_images)."""
@@ -82,7 +92,8 @@ def check_args(args, n_train_images):
         raise ValueError(f"--device {args.device}: CUDA is not available here")
     if getattr(args, "fast", False) is None:           # the default: the fast path on CUDA
         args.fast = cuda
-    if getattr(args, "step_mode", "host") == "graph" and not cuda and not args.resume:
+    if getattr(args, "step_mode", "host") == "graph" and not cuda and (
+            not args.resume or "step_mode" in getattr(args, "given", ())):
         raise ValueError(f"--step-mode graph needs a CUDA device (it replays a CUDA graph), "
                          f"not {args.device}")
 
@@ -123,7 +134,8 @@ def announce(recipe, n_params, steps_per_epoch, where, out):
     """The run's first line: what is trained, on what, where it is written, and from which code."""
     print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: {n_params:,} parameters; "
           f"{recipe.n_train:,} training images, {steps_per_epoch} steps/epoch, {recipe.epochs} "
-          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{' (fast path)' if recipe.fast else ''}; "
+          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{' (fast path)' if recipe.fast else ''}"
+          f"{'' if recipe.step_mode == 'host' else f', step mode {recipe.step_mode}'}; "
           f"writing to {out}; code: {describe_code(where['code'])}", flush=True)
 
 
