@@ -1534,6 +1534,25 @@ def test_device_step_cuda_only_graph_replays_what_the_eager_step_does():
     assert graphed_sums == pytest.approx(eager_sums, rel=1e-5)
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compile_trains_as_the_eager_model_does(tmp_path):
+    """--compile (torch.compile of the model, what the training step calls), with the loss checked
+    on the host and on the device: the eager run's losses and accuracy, up to float rounding."""
+    flags = ["--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "2", "--batch-size", "100",
+             "--fake-data", "400", "--device", "cpu", "--workers", "0"]
+    logs = {}
+    for name, more in [("eager", []), ("compiled", ["--compile"]),
+                       ("compiled_device", ["--compile", "--step-mode", "device"])]:
+        run_script(*flags, *more, "--out", tmp_path / name)
+        logs[name] = without_timings(read_log(tmp_path / name))
+    losses = {name: [r.pop("train_loss", None) for r in log] for name, log in logs.items()}
+    assert len(logs["eager"]) == 3 and losses["eager"][0] is not None
+    for name in ("compiled", "compiled_device"):
+        assert losses[name] == pytest.approx(losses["eager"], rel=1e-6), name
+        assert logs[name] == logs["eager"], name           # accuracies, learning rates
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")
 def test_train_cifar_cuda_only_step_modes_train_alike(tmp_path):
     """A short --fast run with the step checked on the host, on the device, and replayed as a CUDA
