@@ -1041,6 +1041,13 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
         assert words in lines[-1] and "start a new run in another --out" in lines[-1], (change, lines)
     assert (out / "log.jsonl").read_bytes() == log_before
 
+    import train_cifar, trainer.files as files
+    for flags, taken in [([], {"step_mode": "host", "compile": False}),
+                         (["--compile", "--step-mode", "device"], {"step_mode": "device", "compile": True})]:
+        args = train_cifar.parse_args(["--resume", "--out", str(out), "--device", "cpu", *flags])
+        recipe = files.read_resume_state(out, train_cifar.RECIPE_KEYS, args)["recipe"]
+        assert recipe == {**stopped["recipe"], **taken}
+
     graph = tmp_path / "graph"                          # a run of CUDA graphs, continued on a CPU
     shutil.copytree(out, graph)
     torch.save({**stopped, "recipe": {**stopped["recipe"], "step_mode": "graph"}}, graph / "last.pt")
@@ -1537,20 +1544,17 @@ def test_device_step_cuda_only_graph_replays_what_the_eager_step_does():
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on a CPU needs a C++ compiler")
 def test_compile_trains_as_the_eager_model_does(tmp_path):
-    """--compile (torch.compile of the model, what the training step calls), with the loss checked
-    on the host and on the device: the eager run's losses and accuracy, up to float rounding."""
+    """--compile (torch.compile of the model, which the training step calls; here with the device
+    step, which calls the same model): the eager run's losses and accuracy, up to float rounding."""
     flags = ["--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "2", "--batch-size", "100",
-             "--fake-data", "400", "--device", "cpu", "--workers", "0"]
-    logs = {}
-    for name, more in [("eager", []), ("compiled", ["--compile"]),
-                       ("compiled_device", ["--compile", "--step-mode", "device"])]:
-        run_script(*flags, *more, "--out", tmp_path / name)
-        logs[name] = without_timings(read_log(tmp_path / name))
-    losses = {name: [r.pop("train_loss", None) for r in log] for name, log in logs.items()}
-    assert len(logs["eager"]) == 3 and losses["eager"][0] is not None
-    for name in ("compiled", "compiled_device"):
-        assert losses[name] == pytest.approx(losses["eager"], rel=1e-6), name
-        assert logs[name] == logs["eager"], name           # accuracies, learning rates
+             "--fake-data", "400", "--device", "cpu", "--workers", "0", "--step-mode", "device"]
+    run_script(*flags, "--out", tmp_path / "eager")
+    run_script(*flags, "--compile", "--out", tmp_path / "compiled")
+    eager, compiled = (without_timings(read_log(tmp_path / name)) for name in ("eager", "compiled"))
+    losses = [[r.pop("train_loss", None) for r in log] for log in (eager, compiled)]
+    assert len(eager) == 3 and losses[0][0] is not None
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert compiled == eager                                       # accuracies, learning rates
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")

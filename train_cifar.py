@@ -95,12 +95,12 @@ def parse_args(argv=None):
     add("--save-every", type=float, metavar="MINUTES", default=2, help="also write last.pt this often "
         "during an epoch, so that a hard kill loses at most this much (0: after every step)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pt, with its recipe "
-        "(of the recipe's flags only --step-mode may change)")
+        "(of the recipe's flags only --step-mode and --compile may change)")
     add("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
     add = p.add_argument_group("speed (optional; the code is in fast/)").add_argument
     add("--fast", action=argparse.BooleanOptionalAction, help="augment whole batches on the device and, "
         "on CUDA, use Triton depthwise kernels (default: on CUDA; the plain reference: --no-fast, or a CPU)")
-    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     add("--step-mode", choices=["host", "device", "graph"], default="host", help="host: the loss checked "
         "every step; device: checked on the device, no host sync; graph: device, as a CUDA graph")
     args = parse_noting_given(p, argv)

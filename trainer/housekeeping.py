@@ -135,7 +135,8 @@ def announce(recipe, n_params, steps_per_epoch, where, out):
     print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: {n_params:,} parameters; "
           f"{recipe.n_train:,} training images, {steps_per_epoch} steps/epoch, {recipe.epochs} "
           f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{' (fast path)' if recipe.fast else ''}"
-          f"{'' if recipe.step_mode == 'host' else f', step mode {recipe.step_mode}'}; "
+          f"{'' if recipe.step_mode == 'host' else f', step mode {recipe.step_mode}'}"
+          f"{', torch.compile' if recipe.compile else ''}; "
           f"writing to {out}; code: {describe_code(where['code'])}", flush=True)
 
 
