@@ -4,6 +4,7 @@ Model tests use only torch. Trainer tests run train_cifar.py as a user would, on
 of the real CIFAR-10 when CIFAR10_ROOT (or ./data) holds it, else on torchvision's FakeData.
 """
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -982,6 +983,8 @@ def test_gpu_check_main_continues_a_run_committed_under_results(killable_referen
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "out" / "tiny"
     assert f"main: continuing results/tiny in {run}" in result.stdout
+    assert "3 epochs, complete; 2 pieces" in result.stdout and "| 2 | epoch 2, step 1 | end of epoch 3 |" \
+        in result.stdout
     console = (run / "console.txt").read_text()
     assert console.startswith(f"resuming {run} at epoch 2, step 1") and "final test accuracy" in console
     assert not (run / "last.pt").exists() and (run / "model.pt").exists()
@@ -1027,7 +1030,8 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
                                                                            capsys):
     """The step mode says how a step runs, not what it computes, so that a long run can take a mode
     once it is tested; any other recipe flag given to --resume must be the run's own (the original
-    command's flags are), since a resumed run keeps its recipe: ignoring the flag would be silent."""
+    command's flags are), since a resumed run keeps its recipe: ignoring the flag would be silent.
+    tools/run_pieces.py then tells the pieces apart."""
     out = tmp_path / "run"
     start_or_resume(out, killer=["rename", 15]).communicate(timeout=300)
     stopped = torch.load(out / "last.pt", weights_only=True)
@@ -1059,6 +1063,25 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
     resumes = [r for r in read_log(out) if r.get("resumed")]
     assert [(r["epoch"], r["step"], r["step_mode"]) for r in resumes] == [(2, 1, "device")]
     assert torch.load(out / "last.pt", weights_only=True)["recipe"]["step_mode"] == "device"
+    # tools/run_pieces.py: the table of the run's pieces, for the run in progress and the finished one.
+    spec = importlib.util.spec_from_file_location("run_pieces", HERE / "tools" / "run_pieces.py")
+    run_pieces = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_pieces)
+    summary, rows = run_pieces.pieces(graph)
+    assert "3 epochs, in progress; 1 piece," in summary
+    assert [(r["from"], r["to"], r["step mode"]) for r in rows] == [("epoch 1, step 0", "epoch 2, step 1", "host")]
+    summary, rows = run_pieces.pieces(out)
+    assert [(r["from"], r["to"], r["step mode"]) for r in rows] == [
+        ("epoch 1, step 0", "epoch 2, step 1", "host"), ("epoch 2, step 1", "end of epoch 3", "device")]
+    total = read_log(out)[-1]["wall_seconds"]
+    assert f"complete; 2 pieces, {run_pieces.format_seconds(total)} of training in all" in summary
+    assert resumes[0]["wall_seconds_before"] == stopped["wall_seconds"] < total
+    assert {r["torch"] for r in rows} == {torch.__version__} and all(r["time"] != "?" for r in rows)
+    commit = read_log(out)[0]["code"]
+    assert rows[0]["commit"] == (commit["commit"][:7] + " + changes" * bool(commit["dirty"]) if commit else "unknown")
+    assert run_pieces.markdown(rows).splitlines()[0] == \
+        "| piece | from | to | time | device | commit | step mode | torch |"
+
     # The same update: on CUDA every mode runs the same fused AdamW kernel; on a CPU the host mode's
     # AdamW is not fused, so the switched run ends as the host run did up to float rounding.
     switched, reference = (without_timings(read_log(d)) for d in (out, killable_reference[0]))

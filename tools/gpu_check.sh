@@ -16,9 +16,9 @@
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
 #          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in its console.txt). A run
 #          already there, or else committed under results/ with that name, is continued (--resume).
-#          With MAIN_SECONDS set, it is stopped (SIGTERM) after that many seconds and saves last.pt:
-#          continue it with the same command, from OUT_DIR or from the folder committed under
-#          results/. MAIN_FLAGS go to a continued run too, where of the recipe's flags only
+#          Then it prints the run's pieces (tools/run_pieces.py). With MAIN_SECONDS set, it is
+#          stopped (SIGTERM) after that many seconds and saves last.pt: continue it with the same
+#          command, from OUT_DIR or from the folder committed under results/. MAIN_FLAGS go to a continued run too, where of the recipe's flags only
 #          --step-mode and --compile may differ from the run's own (e.g. MAIN_FLAGS="--step-mode
 #          graph" once the graph's GPU tests have passed). A recipe trial: MAIN_FLAGS="--val 5000 ..."
 #          RUN_NAME=val_<what>.
@@ -69,8 +69,9 @@ for step in "$@"; do
         "${limit[@]}" python train_cifar.py "${recipe[@]}" ${MAIN_FLAGS:-} \
             --data data --out "$run" 2>&1 | tee "$out_dir/main_part.txt"
         code=${PIPESTATUS[0]}
-        # The run's console, one call after another, kept in its folder.
+        # The run's console, one call after another, kept in its folder; then its pieces so far.
         [ -d "$run" ] && cat "$out_dir/main_part.txt" >> "$run/console.txt" && rm "$out_dir/main_part.txt"
+        [ -f "$run/log.jsonl" ] && python tools/run_pieces.py "$run"
         if [ "$code" -eq 0 ]; then
             rm -f "$run/last.pt"
         else

@@ -295,7 +295,8 @@ def start_log(out: Path, recipe, device, n_params, eval_every, resume_state=None
             write_atomic((json.dumps(header) + "\n").encode(), out / LOG)
         else:
             how = {k: recipe[k] for k in sorted(CHANGEABLE_ON_RESUME) if k in recipe}   # (as it resumes)
-            rewrite_log_for_resume(out / LOG, resume_state["epoch"], resume_state["step"], {**where, **how})
+            rewrite_log_for_resume(out / LOG, resume_state["epoch"], resume_state["step"],
+                                   {**where, **how, "wall_seconds_before": resume_state["wall_seconds"]})
             for stray in out.glob("*.tmp"):       # a write that a kill cut short: never read
                 stray.unlink(missing_ok=True)
     except WriteFailed as e:
