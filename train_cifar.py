@@ -33,8 +33,8 @@ from convmixer import ConvMixer
 from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
                            write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
-                                  check_args, device_name, format_seconds, leave_stops_to_the_main_process,
-                                  non_finite_loss, open_cifar10, parse_noting_given)
+                                  check_args, data_workers, device_name, format_seconds, non_finite_loss,
+                                  open_cifar10, parse_noting_given, start_loader)
 from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -216,10 +216,9 @@ def epoch_batches(recipe, plan, first_step, data, workers, device):
     if recipe.fast:
         from fast.augment import device_batches
         return device_batches(plan, first_step, data["images"], data["labels"], data["augment"])
-    loader = torch.utils.data.DataLoader(
-        data["dataset"], batch_sampler=plan.batches(first_step), num_workers=workers,
-        pin_memory=device.type == "cuda", worker_init_fn=leave_stops_to_the_main_process if workers else None)
-    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+    loader = torch.utils.data.DataLoader(data["dataset"], batch_sampler=plan.batches(first_step),
+                                         pin_memory=device.type == "cuda", **data_workers(workers))
+    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in start_loader(loader))
 
 
 # ---------------------------------------------------------------------------------------------
