@@ -783,7 +783,8 @@ def test_a_data_worker_ends_on_a_sigterm_from_its_main_process_only():
     worker = context.Process(target=a_data_worker, args=(ready,), daemon=True)
     worker.start()
     assert ready.wait(30)
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)       # from another process
+    subprocess.run([sys.executable, "-c", f"import os; os.kill({worker.pid}, {int(signal.SIGTERM)})"],
+                   check=True)                                            # from another process
     worker.join(1)
     assert worker.is_alive()
     worker.terminate()                                                    # from its main process
@@ -1086,7 +1087,8 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
     assert resumes[0]["wall_seconds_before"] == stopped["wall_seconds"] < total
     assert {r["torch"] for r in rows} == {torch.__version__} and all(r["time"] != "?" for r in rows)
     commit = read_log(out)[0]["code"]
-    assert rows[0]["commit"] == (commit["commit"][:7] + " + changes" * bool(commit["dirty"]) if commit else "unknown")
+    assert rows[0]["commit"] == (commit["commit"][:7] + " + changes" * bool(commit["dirty"])
+                                 + " (named)" * bool(commit.get("from")) if commit else "unknown")
     assert run_pieces.markdown(rows).splitlines()[0] == \
         "| piece | from | to | time | device | commit | step mode | torch |"
 
@@ -1585,7 +1587,9 @@ def test_compile_trains_as_the_eager_model_does(tmp_path):
     losses = [[r.pop("train_loss", None) for r in log] for log in (eager, compiled)]
     assert len(eager) == 3 and losses[0][0] is not None
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    assert compiled == eager                                       # accuracies, learning rates
+    for a, b in zip(compiled, eager):       # a near-tie may flip a prediction: one of the 80 test images
+        assert {k: v for k, v in a.items() if "acc" not in k} == {k: v for k, v in b.items() if "acc" not in k}
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 100 / 80 for k in a if "acc" in k), (a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")
