@@ -767,7 +767,7 @@ def a_data_worker(ready):
     time.sleep(60)
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="PyTorch's own rule stays without it")
+@pytest.mark.skipif(sys.platform != "linux", reason="elsewhere PyTorch's own handling stays")
 def test_a_data_worker_ends_on_a_sigterm_from_its_main_process_only():
     """DataLoader ends a worker that does not stop with SIGTERM (Process.terminate); any other
     sender's SIGTERM is the main process's to handle. The trainer's workers are forked on Linux

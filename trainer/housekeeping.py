@@ -195,20 +195,26 @@ class Progress:
               f"{record['images_per_second']:,.0f} img/s", flush=True)
 
 
+# Data workers forked on Linux take a SIGTERM for the run as leave_stops_to_the_main_process says;
+# elsewhere (macOS, Windows: no sigwaitinfo, workers spawned) PyTorch's own handling stays.
+FORKED_WORKERS = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+
+
 def data_workers(workers):
     """DataLoader's options for `workers` processes. On Linux they are forked, whatever Python's
     default (forkserver from 3.14): a forked worker has the data set already, instead of receiving
     it pickled (150 MB) and importing torch again at every epoch's start, and it starts with one
     thread, which leave_stops_to_the_main_process needs."""
-    fork = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
     return {"num_workers": workers, "worker_init_fn": leave_stops_to_the_main_process if workers else None,
-            "multiprocessing_context": "fork" if workers and fork else None}
+            "multiprocessing_context": "fork" if workers and FORKED_WORKERS else None}
 
 
 def start_loader(loader):
     """iter(loader), whose worker processes are forked with SIGTERM blocked: they hold it from their
     first instant until leave_stops_to_the_main_process takes it, and the main process gets one
     that came meanwhile as soon as they are started."""
+    if not FORKED_WORKERS:
+        return iter(loader)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         return iter(loader)
@@ -223,10 +229,9 @@ def leave_stops_to_the_main_process(_worker_id):
     of the SIGTERM and the main process fails in the middle of a step ("DataLoader worker ... is
     killed by signal"), losing the steps since the last save. A SIGTERM from the main process (how
     DataLoader ends a worker that does not stop) still ends the worker, as PyTorch's own handler
-    does. Where Python cannot tell who sent it (no sigwaitinfo: macOS), PyTorch's handler stays; so
-    it does for a thread that a worker not forked has already started when this runs."""
+    does. Needs a forked worker (one thread; see FORKED_WORKERS) and sigwaitinfo, to know who sent it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
+    if not (FORKED_WORKERS and hasattr(signal, "sigwaitinfo")):
         return
     main_process = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})    # taken by the thread below only
