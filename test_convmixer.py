@@ -1076,6 +1076,8 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
     spec = importlib.util.spec_from_file_location("run_pieces", HERE / "tools" / "run_pieces.py")
     run_pieces = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_pieces)
+    with pytest.raises(Exception, match="no log.jsonl there; give the folder of a train_cifar.py run"):
+        run_pieces.pieces(tmp_path)
     summary, rows = run_pieces.pieces(graph)
     assert "3 epochs, in progress; 1 piece," in summary
     assert [(r["from"], r["to"], r["step mode"]) for r in rows] == [("epoch 1, step 0", "epoch 2, step 1", "host")]
@@ -1582,7 +1584,8 @@ def test_compile_trains_as_the_eager_model_does(tmp_path):
     flags = ["--hdim", "16", "--depth", "1", "--psize", "4", "--epochs", "2", "--batch-size", "100",
              "--fake-data", "400", "--device", "cpu", "--workers", "0", "--step-mode", "device"]
     run_script(*flags, "--out", tmp_path / "eager")
-    run_script(*flags, "--compile", "--out", tmp_path / "compiled")
+    first_line = run_script(*flags, "--compile", "--out", tmp_path / "compiled").stdout.splitlines()[0]
+    assert ", step mode device, torch.compile; writing to " in first_line          # says how it runs
     eager, compiled = (without_timings(read_log(tmp_path / name)) for name in ("eager", "compiled"))
     losses = [[r.pop("train_loss", None) for r in log] for log in (eager, compiled)]
     assert len(eager) == 3 and losses[0][0] is not None
