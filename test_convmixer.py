@@ -814,16 +814,20 @@ KILLABLE = ["--hdim", "8", "--depth", "1", "--ksize", "3", "--psize", "4", "--ep
 
 @pytest.fixture(scope="module")
 def killable_reference(tmp_path_factory):
-    """The uninterrupted run, and how long its start (imports, data, model) and its training took."""
+    """The uninterrupted run, as the killed runs go (last.pt after every step), and how long its start
+    (imports, data, model) and its training with the final evaluation took. Not up to the process's
+    exit: that took as long again as the training here, and a kill drawn there found the run done."""
     out = tmp_path_factory.mktemp("killable") / "run"
     start = time.time()
-    proc = subprocess.Popen([sys.executable, str(HERE / "train_cifar.py"), *KILLABLE, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_or_resume(out)
     proc.stdout.readline()                                         # "ConvMixer-8/1 ...": training starts
-    started = time.time()
+    started = ended = time.time()
+    for line in proc.stdout:
+        if line.startswith("final test accuracy"):                # the last line: then only the exit
+            ended = time.time()
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stdout + stderr
-    return out, (started - start, time.time() - started)
+    assert proc.returncode == 0 and ended > started, stdout + stderr
+    return out, (started - start, ended - started)
 
 
 def assert_same_run(out, reference):
