@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -820,12 +821,15 @@ def killable_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("killable") / "run"
     start = time.time()
     proc = start_or_resume(out)
+    watchdog = threading.Timer(300, proc.kill)                     # a hung run ends the reads below
+    watchdog.start()
     proc.stdout.readline()                                         # "ConvMixer-8/1 ...": training starts
     started = ended = time.time()
     for line in proc.stdout:
         if line.startswith("final test accuracy"):                # the last line: then only the exit
             ended = time.time()
     stdout, stderr = proc.communicate(timeout=300)
+    watchdog.cancel()
     assert proc.returncode == 0 and ended > started, stdout + stderr
     return out, (started - start, ended - started)
 
@@ -1283,6 +1287,7 @@ def test_the_log_records_the_commit_at_each_start_and_resume(killable_reference,
     for record in starts:
         assert record["code"]["commit"] == head.stdout.strip() and isinstance(record["code"]["dirty"], bool)
         assert record["device"].startswith("cpu") and record["versions"]["torch"] == torch.__version__
+        assert "triton" not in record["versions"]                  # recorded on CUDA only
 
 
 
@@ -1319,6 +1324,22 @@ def test_bad_flags_fail_at_start_naming_the_flag(argv, expected, capsys):
         train_cifar.parse_args(argv)
     error = capsys.readouterr().err.strip().splitlines()[-1]          # not the usage text above it
     assert e.value.code == 2 and error.startswith("train_cifar.py: error: ") and expected in error, error
+
+
+def test_a_device_that_is_not_here_is_one_line_naming_it(monkeypatch, capsys):
+    """Before any data is read: an accelerator this machine lacks, or a GPU index beyond its GPUs."""
+    import train_cifar
+    if not torch.backends.mps.is_available():
+        with pytest.raises(SystemExit):
+            train_cifar.parse_args(["--device", "mps"])
+        assert "error: --device mps: MPS is not available here" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train_cifar.parse_args(["--device", "cuda:0"]).fast is True
+    with pytest.raises(SystemExit):
+        train_cifar.parse_args(["--device", "cuda:1"])
+    assert "error: --device cuda:1: there is no cuda device 1 here (1 in all, numbered from 0)" in \
+        capsys.readouterr().err
 
 
 def test_every_train_cifar_flag_that_the_project_mentions_exists(capsys):
@@ -1611,6 +1632,42 @@ def test_train_cifar_cuda_only_step_modes_train_alike(tmp_path):
         logs[mode] = [r["train_loss"] for r in read_log(tmp_path / mode) if "train_loss" in r]
     for mode in ("device", "graph"):
         assert logs[mode] == pytest.approx(logs["host"], rel=0.02), (mode, logs)
+
+
+def test_without_triton_the_fast_path_says_it_keeps_pytorchs_depthwise_convs(capsys):
+    """Triton comes with torch's Linux CUDA wheels only. Where it cannot be imported (Windows, say),
+    the log records it as None on CUDA, and the run's first line says that the depthwise convs
+    stay PyTorch's (the batch augmentation on the device stays too)."""
+    from argparse import Namespace
+
+    from trainer.files import triton_version
+    from trainer.housekeeping import announce
+    hidden = subprocess.run([sys.executable, "-c", "import sys; sys.modules['triton'] = None\n"
+                             "from trainer.files import triton_version; print(triton_version())"],
+                            cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert hidden.stdout.strip() == "None", hidden.stdout + hidden.stderr
+    installed = importlib.util.find_spec("triton")
+    assert triton_version() == (importlib.import_module("triton").__version__ if installed else None)
+    recipe = Namespace(hdim=256, depth=8, ksize=9, psize=1, n_train=50_000, epochs=200, fast=True,
+                       step_mode="host", compile=False)
+    for versions, says in [({"triton": None}, " (fast path; no Triton here, so PyTorch's depthwise convs)"),
+                           ({"triton": "3.6.0"}, " (fast path)"), ({}, " (fast path)")]:      # {}: a CPU
+        announce(recipe, 706_058, 781, {"device": "GPU", "code": None, "versions": versions}, "runs/x")
+        assert f" on GPU{says}; writing to runs/x" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels are swapped in on CUDA")
+def test_prepare_model_cuda_only_swaps_in_the_triton_kernels_where_triton_is(monkeypatch):
+    import train_cifar
+    from argparse import Namespace
+    from fast.depthwise import FastDepthwiseConv2d
+    recipe = Namespace(hdim=16, depth=1, ksize=9, psize=1, fast=True, compile=False)
+    model, _ = train_cifar.prepare_model(recipe, torch.device("cuda"))
+    assert FastDepthwiseConv2d in {type(m) for m in model.modules()}
+    monkeypatch.setattr(train_cifar, "triton_version", lambda: None)       # as where it is missing
+    model, _ = train_cifar.prepare_model(recipe, torch.device("cuda"))
+    assert FastDepthwiseConv2d not in {type(m) for m in model.modules()}
+    assert model(torch.randn(2, 3, 32, 32, device="cuda")).shape == (2, 10)
 
 
 # The recipe, element by element: each test pins one element by its effect (tools/mutants.py puts
@@ -2145,6 +2202,17 @@ def test_check_kernels_reports_spilled_registers():
                          "sys.exit(check_kernels.main([('W=64', 8, 16, 64, 9, torch.float32, 'toeplitz')]))")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "<- spills" in proc.stdout and "kernel(s) with problems" in proc.stdout
+
+
+def test_check_kernels_compiles_for_the_gpu_asked_for():
+    # --arch reaches the compiler: a T4 (sm_75) has no bfloat16 tensor cores, an A100 (sm_80) has.
+    case = "[('CIFAR-10 at p2', 64, 16, 16, 5, torch.bfloat16, 'auto')]"
+    proc = check_kernels(f"import sys, torch, check_kernels\n"
+                         f"sys.exit(2 * check_kernels.main({case}, arch=75) + check_kernels.main({case}, arch=80))")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    t4, a100 = proc.stdout.split("target cuda sm_80")
+    assert "target cuda sm_75" in t4 and "<- no tensor-core instruction" in t4 and "problems for sm_75" in t4
+    assert "all kernels compile cleanly for sm_80" in a100 and "<-" not in a100
 
 
 def test_fast_depthwise_refuses_other_convolutions(fast_depthwise):

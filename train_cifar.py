@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as F
 
 from convmixer import ConvMixer
 from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
-                           write_log)
+                           triton_version, write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
                                   check_args, data_workers, device_name, format_seconds, non_finite_loss,
                                   open_cifar10, parse_noting_given, start_loader)
@@ -237,11 +237,11 @@ def build_model(config):
 def prepare_model(recipe, device):
     """The ConvMixer to train (its state_dict is what gets saved) and the module to call.
 
-    With --fast on CUDA its depthwise convs run on Triton kernels (same Parameters, swapped in
-    place); with --compile the training step calls it through torch.compile. Evaluation calls the
-    model itself, so that eval mode and its batch size do not make torch.compile build more graphs."""
+    With --fast on CUDA its depthwise convs run on Triton kernels where Triton is installed (same
+    Parameters, swapped in place); with --compile the training step calls it through torch.compile.
+    Evaluation calls the model itself, so eval mode and its batch size add no torch.compile graphs."""
     model = build_model(model_config(recipe)).to(device)
-    if recipe.fast and device.type == "cuda":
+    if recipe.fast and device.type == "cuda" and triton_version():
         from fast.depthwise import use_fast_depthwise
         use_fast_depthwise(model)
     return model, (torch.compile(model) if recipe.compile else model)

@@ -4,5 +4,5 @@
     augment.py        the training augmentation, per image, for whole batches on the device    --fast
     step.py           the training step without a host sync, optionally as a CUDA graph    --step-mode
     benchmark.py      every path's training throughput at batch 64 and 512, profiled (a script)
-    check_kernels.py  compiles the Triton kernels for an H100 without a GPU and checks them
+    check_kernels.py  compiles the Triton kernels for an H100 (--arch: others) without a GPU, checks them
 """

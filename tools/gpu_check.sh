@@ -24,8 +24,8 @@
 #          passed). A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
 #
 # "tests" and "bench" use synthetic images; "short" and "main" need CIFAR-10 in ./data (downloaded
-# there on first use). No GPU is needed to check that the kernels compile for an H100:
-# python fast/check_kernels.py.
+# there on first use). No GPU is needed to check that the kernels compile for an H100 (or, with
+# --arch, another NVIDIA GPU): python fast/check_kernels.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 [ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [short] [main]"; exit 2; }

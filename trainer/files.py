@@ -16,6 +16,7 @@ How each survives damage:
 """
 import contextlib
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -167,10 +168,25 @@ def code_version():
 
 
 def where_it_ran(device):
-    """What the log records at each start and resume: the device, the code and the library versions."""
-    return {"device": device_name(device), "code": code_version(),
-            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                         "python": platform.python_version()}}
+    """What the log records at each start and resume: the device, the code and the library versions
+    (on CUDA Triton's too: None where it is missing, and --fast keeps PyTorch's depthwise convs)."""
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                "python": platform.python_version()}
+    if device.type == "cuda":
+        versions["triton"] = triton_version()
+    return {"device": device_name(device), "code": code_version(), "versions": versions}
+
+
+def triton_version():
+    """Triton's version, or None where it cannot be imported: torch's Linux CUDA wheels install it,
+    on Windows it is a package of its own. fast/depthwise.py's kernels need it."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return None
+        import triton
+        return triton.__version__
+    except ImportError:             # installed, but broken (e.g. built for another torch)
+        return None
 
 
 @contextlib.contextmanager

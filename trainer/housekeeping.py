@@ -86,11 +86,16 @@ def check_args(args, n_train_images):
         if bad:
             raise ValueError(message)
     try:
-        cuda = torch.device(args.device).type == "cuda"
+        device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    backend = getattr(torch, device.type, None)                # torch.cuda, torch.mps, torch.xpu, ...
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"--device {args.device}: {device.type.upper()} is not available here")
+    if device.type != "cpu" and device.index is not None and device.index >= backend.device_count():
+        raise ValueError(f"--device {args.device}: there is no {device.type} device {device.index} here "
+                         f"({backend.device_count()} in all, numbered from 0)")
+    cuda = device.type == "cuda"
     if getattr(args, "fast", False) is None:           # the default: the fast path on CUDA
         args.fast = cuda
     if getattr(args, "step_mode", "host") == "graph" and not cuda and (
@@ -133,9 +138,13 @@ def non_finite_loss(steps_done, steps_per_epoch, out):
 
 def announce(recipe, n_params, steps_per_epoch, where, out):
     """The run's first line: what is trained, on what, where it is written, and from which code."""
+    fast = ""
+    if recipe.fast:          # Triton's version is recorded on CUDA only; None: it is not installed
+        no_triton = where["versions"].get("triton", "") is None
+        fast = " (fast path; no Triton here, so PyTorch's depthwise convs)" if no_triton else " (fast path)"
     print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: {n_params:,} parameters; "
           f"{recipe.n_train:,} training images, {steps_per_epoch} steps/epoch, {recipe.epochs} "
-          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{' (fast path)' if recipe.fast else ''}"
+          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{fast}"
           f"{'' if recipe.step_mode == 'host' else f', step mode {recipe.step_mode}'}"
           f"{', torch.compile' if recipe.compile else ''}; "
           f"writing to {out}; code: {describe_code(where['code'])}", flush=True)
