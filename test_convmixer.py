@@ -1661,9 +1661,11 @@ def test_prepare_model_cuda_only_swaps_in_the_triton_kernels_where_triton_is(mon
     import train_cifar
     from argparse import Namespace
     from fast.depthwise import FastDepthwiseConv2d
+    from trainer.files import where_it_ran
     recipe = Namespace(hdim=16, depth=1, ksize=9, psize=1, fast=True, compile=False)
     model, _ = train_cifar.prepare_model(recipe, torch.device("cuda"))
     assert FastDepthwiseConv2d in {type(m) for m in model.modules()}
+    assert where_it_ran(torch.device("cuda"))["versions"]["triton"] == importlib.import_module("triton").__version__
     monkeypatch.setattr(train_cifar, "triton_version", lambda: None)       # as where it is missing
     model, _ = train_cifar.prepare_model(recipe, torch.device("cuda"))
     assert FastDepthwiseConv2d not in {type(m) for m in model.modules()}
@@ -2205,14 +2207,18 @@ def test_check_kernels_reports_spilled_registers():
 
 
 def test_check_kernels_compiles_for_the_gpu_asked_for():
-    # --arch reaches the compiler: a T4 (sm_75) has no bfloat16 tensor cores, an A100 (sm_80) has.
+    # --arch reaches the compiler: a T4 (sm_75) has no bfloat16 tensor cores, an A100 (sm_80) has,
+    # and a B200's (sm_100) are counted too, though its products compile to other (tcgen05) MMAs.
     case = "[('CIFAR-10 at p2', 64, 16, 16, 5, torch.bfloat16, 'auto')]"
     proc = check_kernels(f"import sys, torch, check_kernels\n"
-                         f"sys.exit(2 * check_kernels.main({case}, arch=75) + check_kernels.main({case}, arch=80))")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    t4, a100 = proc.stdout.split("target cuda sm_80")
+                         f"sys.exit(check_kernels.main({case}, arch=75) + 2 * check_kernels.main({case}, arch=80)"
+                         f" + 4 * check_kernels.main({case}, arch=100))")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    t4, rest = proc.stdout.split("target cuda sm_80")
+    a100, b200 = rest.split("target cuda sm_100")
     assert "target cuda sm_75" in t4 and "<- no tensor-core instruction" in t4 and "problems for sm_75" in t4
     assert "all kernels compile cleanly for sm_80" in a100 and "<-" not in a100
+    assert "all kernels compile cleanly for sm_100" in b200 and "<-" not in b200
 
 
 def test_fast_depthwise_refuses_other_convolutions(fast_depthwise):

@@ -16,7 +16,6 @@ How each survives damage:
 """
 import contextlib
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -181,12 +180,10 @@ def triton_version():
     """Triton's version, or None where it cannot be imported: torch's Linux CUDA wheels install it,
     on Windows it is a package of its own. fast/depthwise.py's kernels need it."""
     try:
-        if importlib.util.find_spec("triton") is None:
-            return None
         import triton
-        return triton.__version__
-    except ImportError:             # installed, but broken (e.g. built for another torch)
+    except ImportError:             # not installed, or broken (e.g. built for another torch)
         return None
+    return triton.__version__
 
 
 @contextlib.contextmanager
