@@ -1004,12 +1004,47 @@ def test_gpu_check_main_continues_a_run_committed_under_results(killable_referen
         in result.stdout
     console = (run / "console.txt").read_text()
     assert console.startswith(f"resuming {run} at epoch 2, step 1") and "final test accuracy" in console
+    assert console.splitlines()[-1].startswith("main: train_cifar.py exited with status 0, ")
     assert not (run / "last.pt").exists() and (run / "model.pt").exists()
     assert without_timings(read_log(run)) == without_timings(read_log(reference))
     a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (run, reference))
     assert all(torch.equal(a[k], v) for k, v in b.items())
     again = gpu_check(tmp_path / "out")
     assert again.returncode == 0 and f"main: {run} is complete" in again.stdout
+
+
+MAIN_RUN = HERE / "results" / "cifar10_convmixer_256_8_k9_p1"
+
+
+@pytest.mark.skipif(not (MAIN_RUN / "last.pt").exists(), reason="no 200-epoch run in progress is committed")
+def test_the_committed_main_run_can_be_continued_by_this_code():
+    """The main job's run goes on in pieces, each resumed from the last.pt committed under results/
+    by the code of its day: this code must take its recipe (the main command's defaults, as the run
+    is meant to be), load its weights and AdamW state, and stand where its log says it stopped. With
+    the real test set, its weights classify in the readable model on a CPU (float32, nn.Conv2d) as
+    they were trained (bfloat16, Triton kernels): a broken layout or statistics would fall to 10%."""
+    import train_cifar
+    from argparse import Namespace
+    from trainer.files import CHANGEABLE_ON_RESUME, read_resume_state
+    args = train_cifar.parse_args(["--resume", "--out", str(MAIN_RUN), "--device", "cpu"])
+    state = read_resume_state(MAIN_RUN, train_cifar.RECIPE_KEYS, args)
+    recipe, defaults = state["recipe"], train_cifar.parse_args([])
+    same = [k for k in train_cifar.RECIPE_KEYS if k not in CHANGEABLE_ON_RESUME | {"fast"}]
+    assert {k: recipe[k] for k in same} == {k: getattr(defaults, k) for k in same} and recipe["fast"]
+    log = read_log(MAIN_RUN)
+    assert {k: v for k, v in log[0]["config"].items() if k in same} == {k: recipe[k] for k in same}
+    epochs = [r["epoch"] for r in log if "train_loss" in r]
+    assert epochs == list(range(1, len(epochs) + 1)) and state["epoch"] == len(epochs)
+    steps = state["epoch"] * (50_000 // recipe["batch_size"]) + state["step"]
+    model, _ = train_cifar.prepare_model(Namespace(**recipe), torch.device("cpu"))
+    model.load_state_dict(state["state_dict"])
+    optimizer = train_cifar.make_optimizer(model, Namespace(**recipe))
+    optimizer.load_state_dict(state["optimizer"])
+    assert [float(s["step"]) for s in optimizer.state.values()] == [float(steps)] * len(list(model.parameters()))
+    if REAL_DATA:
+        images, labels = train_cifar.load_cifar10(REAL_DATA, train=False)
+        accuracy = train_cifar.evaluate(model, images[:100], labels[:100], torch.device("cpu"), amp=False)
+        assert accuracy > 70, accuracy
 
 
 def test_plot_run_draws_the_committed_runs_and_one_in_progress(tmp_path):
@@ -1632,6 +1667,30 @@ def test_train_cifar_cuda_only_step_modes_train_alike(tmp_path):
         logs[mode] = [r["train_loss"] for r in read_log(tmp_path / mode) if "train_loss" in r]
     for mode in ("device", "graph"):
         assert logs[mode] == pytest.approx(logs["host"], rel=0.02), (mode, logs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_host_run_continues_cuda_only_as_a_graph_run(tmp_path):
+    """What a long run started with the host step may do once the graph's tests pass: stopped
+    mid-epoch, it continues with --resume --step-mode graph (its fused AdamW's state loaded, then
+    made capturable) and trains on as its uninterrupted twin does, up to the order of sums."""
+    new_run = ["--hdim", "64", "--depth", "2", "--ksize", "9", "--psize", "2", "--epochs", "2",
+               "--batch-size", "64", "--fake-data", "1024", "--fast", "--step-mode", "host"]
+    run_script(*new_run, "--out", tmp_path / "reference")
+    out = tmp_path / "run"
+    start_or_resume(out, killer=["rename", 10], new_run=new_run).communicate(timeout=300)
+    stopped = torch.load(out / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (0, 7) and stopped["recipe"]["step_mode"] == "host"
+    result = run_script("--resume", "--out", out, "--step-mode", "graph")
+    assert "resuming with --step-mode graph (it was host)" in result.stdout
+    assert ", step mode graph; writing to " in result.stdout
+    resumes = [r for r in read_log(out) if r.get("resumed")]
+    assert [(r["epoch"], r["step"], r["step_mode"]) for r in resumes] == [(1, 7, "graph")]
+    losses = {name: [r["train_loss"] for r in read_log(tmp_path / name) if "train_loss" in r]
+              for name in ("reference", "run")}
+    assert len(losses["run"]) == 2 and losses["run"] == pytest.approx(losses["reference"], rel=0.02), losses
+    adamw = torch.load(out / "last.pt", weights_only=True)["optimizer"]["state"]    # moments kept: 2 x 16 steps
+    assert [float(state["step"]) for state in adamw.values()] == [32.0] * len(adamw)
 
 
 def test_without_triton_the_fast_path_says_it_keeps_pytorchs_depthwise_convs(capsys):

@@ -64,11 +64,17 @@ for step in "$@"; do
         recipe=(--hdim 256 --depth 8 --ksize 9); [ -f "$run/log.jsonl" ] && recipe=(--resume)
         # With MAIN_SECONDS: SIGTERM then saves last.pt mid-epoch; should the process not end
         # within a minute more, SIGKILL (last.pt is written every --save-every minutes as well).
-        limit=(); [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --signal=TERM --kill-after=60 "$MAIN_SECONDS")
+        limit=()
+        [ -n "${MAIN_SECONDS:-}" ] && limit=(timeout --preserve-status --signal=TERM --kill-after=60 "$MAIN_SECONDS")
+        # -X faulthandler: a crash (segfault, abort) leaves the Python stack of every thread.
         # shellcheck disable=SC2086  # MAIN_FLAGS is a list of flags
-        "${limit[@]}" python train_cifar.py "${recipe[@]}" ${MAIN_FLAGS:-} \
+        "${limit[@]}" python -X faulthandler train_cifar.py "${recipe[@]}" ${MAIN_FLAGS:-} \
             --data data --out "$run" 2>&1 | tee "$out_dir/main_part.txt"
         code=${PIPESTATUS[0]}
+        # How it ended: 0 complete; 143 SIGTERM (saved at once if "stopped at epoch" is printed just
+        # above, else last.pt is from its last save); 137 SIGKILL; 139 or 134 a crash.
+        echo "main: train_cifar.py exited with status $code, $(( $(date +%s) - start )) s into this step" \
+            | tee -a "$out_dir/main_part.txt"
         # The run's console, one call after another, kept in its folder; then its pieces so far.
         [ -d "$run" ] && cat "$out_dir/main_part.txt" >> "$run/console.txt" && rm "$out_dir/main_part.txt"
         [ -f "$run/log.jsonl" ] && python tools/run_pieces.py "$run"
