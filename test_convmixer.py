@@ -1576,18 +1576,22 @@ def device_step_setup(fused_optimizer=True, seed=0):
 
 def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_device():
     """fast/step.py's DeviceStep against train_step (both with the fused AdamW it needs): the same
-    weights, optimizer state and running sums, bit for bit; then a non-finite loss, which leaves the
-    weights as they were, for that step and the ones after it, and is reported by its step count."""
+    weights, optimizer state and running sums, bit for bit, with a gradient clipping that acts at
+    every step; then non-finite losses, which leave the weights as they were, for those steps and
+    the ones after them, and the first of which is reported by its step count."""
     import train_cifar
     from fast.step import DeviceStep
+    clip = 0.5                      # these gradients' norms are 0.67-0.71: clipped at every step
     host_model, host_optimizer, criterion, batches = device_step_setup()
     model, optimizer, _, _ = device_step_setup()
-    step = DeviceStep(model, optimizer, criterion, amp=False, clip=1.0, device=torch.device("cpu"))
+    step = DeviceStep(model, optimizer, criterion, amp=False, clip=clip, device=torch.device("cpu"))
     step.start(100, 5.0, 2.0)                                     # resumed mid-epoch, say
     sums = [5.0, 2.0]
     for i, (x, t) in enumerate(batches[:4]):
         lr = 0.001 * (i + 1)
-        loss, correct = train_cifar.train_step(host_model, host_optimizer, criterion, x, t, lr, False, 1.0)
+        loss, correct = train_cifar.train_step(host_model, host_optimizer, criterion, x, t, lr, False, clip)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in host_model.parameters()]))
+        assert norm.item() == pytest.approx(clip, rel=1e-5)       # the clipping acted
         sums = [sums[0] + loss * len(x), sums[1] + correct]
         assert step(x, t, lr).item() == loss
     assert step.read() == (*sums, None)
@@ -1598,10 +1602,11 @@ def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_dev
     before = {k: v.clone() for k, v in model.named_parameters()}
     x, t = batches[4]
     assert train_cifar.train_step(host_model, host_optimizer, criterion, x, t * float("nan"), 0.01, False,
-                                  1.0) is None
+                                  clip) is None
     step(x, t * float("nan"), 0.01)                               # the 105th step of the run
-    step(*batches[5], 0.01)                                       # a good one after it: skipped too
-    assert step.read() == (*sums, 105)                           # nothing added for the bad step
+    step(x, t * float("inf"), 0.01)                               # another bad one
+    step(*batches[5], 0.01)                                       # a good one after them: skipped too
+    assert step.read() == (*sums, 105)                           # nothing added for the bad steps
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     with pytest.raises(ValueError, match="fused AdamW"):

@@ -1,4 +1,5 @@
-"""Mutation testing of the training recipe: does the test suite notice a small, realistic bug?
+"""Mutation testing of the training recipe and the fast path: does the test suite notice a small,
+realistic bug?
 
     python tools/mutants.py                  # every mutant; about 12 minutes on 2 CPU cores
     python tools/mutants.py --list           # their names and what each one breaks
@@ -35,6 +36,8 @@ class Mutant(NamedTuple):
 
 TRAINER_TESTS = "learning_rate or one_cycle or clipping or weight_decay or label_smoothed or val_is"
 AUGMENT_TESTS = "batch_augment_equals or samples_the_same_distribution or batched_ops"
+STEP_TESTS = "device_step_equals_the_host_step or device_step_resumes_exactly"
+DEPTHWISE_TESTS = "matches_conv2d_float32 or toeplitz_stacks"
 
 MUTANTS = [
     # The trainer (train_cifar.py)
@@ -131,6 +134,41 @@ MUTANTS = [
            "a = torch.where(negative[index], -a, a)", "a = a", AUGMENT_TESTS),
     Mutant("bilinear_only", "crops always bilinear", "fast/augment.py",
            "bicubic=rand() < 0.5", "bicubic=rand() < 0.0", AUGMENT_TESTS),
+    # The device step of --step-mode device and graph (fast/step.py); its CUDA graph needs a GPU
+    Mutant("device_loss_unweighted", "the epoch's loss sum adds each step's mean loss, not loss x images",
+           "fast/step.py", "loss.detach().double() * n", "loss.detach().double()", STEP_TESTS),
+    Mutant("device_skip_not_sticky", "after a non-finite loss, the next finite step updates the weights again",
+           "fast/step.py", "torch.maximum(self.found_inf, (~finite).float())", "(~finite).float()", STEP_TESTS),
+    Mutant("device_last_bad_step", "the stop names the last non-finite step, not the first",
+           "fast/step.py", "(self.first_bad_step < 0) & ~finite", "~finite", STEP_TESTS),
+    Mutant("device_no_clipping", "the device step never clips the gradient", "fast/step.py",
+           "        if self.clip > 0:\n", "        if False:\n", STEP_TESTS),
+    Mutant("device_resume_drops_sums", "a run resumed mid-epoch restarts the epoch's loss sum at 0",
+           "fast/step.py", "self.loss_sum.fill_(loss_sum)", "self.loss_sum.fill_(0.0)", STEP_TESTS),
+    # The Triton depthwise convolution (fast/depthwise.py), in Triton's interpreter on a CPU
+    Mutant("dw_grad_input_unflipped", "the input gradient correlates dy with the kernel not turned by 180 degrees",
+           "fast/depthwise.py", "weight.flip(-1, -2), None, k - 1 - pad_top", "weight, None, k - 1 - pad_top",
+           DEPTHWISE_TESTS),
+    Mutant("dw_grad_input_same_pads", "the input gradient pads as the forward does (wrong for even k)",
+           "fast/depthwise.py", "None, k - 1 - pad_top, k - 1 - pad_left,", "None, pad_top, pad_left,",
+           DEPTHWISE_TESTS),
+    Mutant("dw_even_k_pad_before", "for even k, the extra row and column of padding before the image",
+           "fast/depthwise.py", "self.pad = (k - 1) // 2", "self.pad = k // 2", DEPTHWISE_TESTS),
+    Mutant("dw_direct_past_the_row", "\"direct\" reads past a row's end into the next row",
+           "fast/depthwise.py", "mask=row_ok & (s >= 0) & (s < W), other=0.0)",
+           "mask=row_ok & (s >= 0), other=0.0)", DEPTHWISE_TESTS),
+    Mutant("dw_direct_grad_drops_image", '"direct" leaves the last image of each chunk out of the weight gradient',
+           "fast/depthwise.py", "for b in range(first, last):", "for b in range(first, last - 1):",
+           DEPTHWISE_TESTS),
+    Mutant("dw_toeplitz_band_mirrored", '"toeplitz" builds its banded matrices with each kernel row mirrored',
+           "fast/depthwise.py", "d = j[:, None] - j[None, :] + pad_left", "d = j[None, :] - j[:, None] + pad_left",
+           DEPTHWISE_TESTS),
+    Mutant("dw_toeplitz_grad_diagonal", '"toeplitz" sums the weight gradient along the mirrored diagonals',
+           "fast/depthwise.py", "diagonal = cols + src - PAD_L", "diagonal = cols - src + PAD_L",
+           DEPTHWISE_TESTS),
+    Mutant("dw_toeplitz_next_plane", "\"toeplitz\" reads below a plane's last row into the next plane",
+           "fast/depthwise.py", "(r < H) & (cols < W),\n                    other=0.0)\n        t = tl.load",
+           "(cols < W),\n                    other=0.0)\n        t = tl.load", DEPTHWISE_TESTS),
     # The per-image RandAugment (train_cifar.py), the reference both paths follow
     Mutant("ra_rotate_scale", "rotation on torchvision's 0-30 scale (9 degrees at m 9)", "trainer/randaugment.py",
            "lambda m: 30 * m / 10,", "lambda m: 10 * m / 10,", "randaugment_ops_are_timms"),
