@@ -1524,6 +1524,9 @@ def test_a_cpu_run_that_would_take_days_says_so_and_points_to_the_quick_check(mo
     progress.step(0, 1, 2.3)
     out = capsys.readouterr().out
     assert "156,200 steps takes about 18d01h" in out and "--epochs 2 --subset 2000" in out
+    # The suggested flags are train_cifar.py's, and they do make a small, short run.
+    quick = train_cifar.parse_args(out[out.index("--hdim"):].split(" checks ")[0].split() + ["--device", "cpu"])
+    assert (quick.hdim, quick.depth, quick.psize, quick.epochs, quick.n_train) == (32, 2, 2, 2, 2000)
 
 
 def test_train_cifar_reads_top_to_bottom_in_at_most_500_lines():
