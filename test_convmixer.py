@@ -1013,6 +1013,31 @@ def test_gpu_check_main_continues_a_run_committed_under_results(killable_referen
     assert again.returncode == 0 and f"main: {run} is complete" in again.stdout
 
 
+def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_rest():
+    """tools/gpu_check.sh's two pytest -k selections, collected here: the default one must hold
+    every CUDA-only test and the kernels at the main job's shapes (a typo there would cost a GPU
+    its test step), and no float32 kernel test of another shape, which GPU_TESTS=all adds."""
+    import re
+    default, everything = re.findall(r'selection="([^"]+)"', (HERE / "tools" / "gpu_check.sh").read_text())
+
+    def collected(expression):
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 "-k", expression, "test_convmixer.py"], cwd=HERE, capture_output=True,
+                                text=True, timeout=300)
+        return {line.split("::", 1)[1] for line in result.stdout.splitlines() if line.startswith("test_convmixer.py::")}
+    chosen, all_of_them = collected(default), collected(everything)
+    cuda_only = set(re.findall(r"^def (test_\w*cuda_only\w*)\(", (HERE / "test_convmixer.py").read_text(), re.M))
+    assert len(cuda_only) >= 5 and cuda_only <= chosen, cuda_only - chosen
+    assert {f"test_fast_depthwise_matches_conv2d_bfloat16_autocast[{b}-{k}-{a}]" for b, k in [(1, 9), (64, 8), (512, 9)]
+            for a in ("direct", "toeplitz")} <= chosen
+    assert {"test_fast_depthwise_matches_conv2d_float32[direct-2-3-32-32-9]",
+            "test_fast_depthwise_matches_conv2d_float32[toeplitz-2-3-32-32-9]",
+            "test_fast_depthwise_toeplitz_stacks_16_bit_planes_including_partial_stacks[17]",
+            "test_fast_depthwise_bfloat16_partial_stacks_and_bias_gradient[17]",
+            "test_batch_augment_on_cuda_matches_the_cpu_for_the_same_parameters"} <= chosen
+    float32 = {t for t in all_of_them if t.startswith("test_fast_depthwise_matches_conv2d_float32[")}
+    assert len(float32) == 22 and chosen & float32 == {t for t in float32 if "-32-32-9]" in t}
+    assert chosen < all_of_them
 MAIN_RUN = HERE / "results" / "cifar10_convmixer_256_8_k9_p1"
 
 

@@ -3,11 +3,14 @@
 #
 #   bash tools/gpu_check.sh OUT_DIR tests bench     # any of: tests bench short main, in this order
 #
-#   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d (float32
-#          and bfloat16, batch up to 512), the batch augmentation on CUDA vs the CPU, the device
-#          step and its CUDA graph (OUT_DIR/pytest_gpu.txt). GPU_TESTS=all adds the rest of the
-#          fast path's tests: torch.compile of the kernels, and the CPU-side augmentation tests
-#          (about 5 minutes on an H200).
+#   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d on its
+#          32 x 32 planes (k 9 and 8, 256 channels, batch 1, 64 and 512 in bfloat16; k 9 in
+#          float32; partial stacks of planes), the batch augmentation on CUDA vs the CPU, the
+#          device step and its CUDA graph (OUT_DIR/pytest_gpu.txt). GPU_TESTS=all adds the rest
+#          of the fast path's tests: the kernels in float32 at 10 other shapes, both algorithms
+#          (odd and 1 x 1 planes, even and 1 x 1 kernels, planes wider than 32, batch 512 of 3 x 3
+#          planes; each shape is a few more Triton compilations), torch.compile of the kernels,
+#          and the CPU-side augmentation tests (about 5 minutes on an H200).
 #   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager and with
 #          --compile: each path's whole step, model only, augmentation only, a profiled step, the
 #          200-epoch recipe's estimated time, one depthwise layer per algorithm
@@ -38,7 +41,7 @@ for step in "$@"; do
     start=$(date +%s)
     case "$step" in
     tests)
-        selection="(fast_depthwise and not compiles_into_one_graph and not compile_for_an_h100) or batch_augment_on_cuda or cuda_only"
+        selection="(fast_depthwise and not compiles_into_one_graph and not compile_for_an_h100 and not float32) or (matches_conv2d_float32 and 32-32-9) or batch_augment_on_cuda or cuda_only"
         [ "${GPU_TESTS:-}" = all ] && selection="fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only"
         timeout 900 python -m pytest -q -rs --durations=15 -k "$selection" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
