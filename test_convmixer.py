@@ -534,15 +534,19 @@ def test_readme_pretrained_snippets_run_as_written(tmp_path, monkeypatch):
     Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy()).save("photo.jpg")
     readme = (HERE / "README.md").read_text()
     snippets = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "pretrained=True" in block]
-    assert len(snippets) == 3
+    assert len(snippets) == 4
     results = []
     for code in snippets:
         namespace = {}
         exec(code.replace("path/to/this/checkout", str(HERE)), namespace)
         results.append(namespace)
-    inference, fine_tuning, hub = results
+    inference, fine_tuning, features, hub = results
     assert inference["top5"].indices.shape == (1, 5) and (inference["top5"].values > 0).all()
     assert fine_tuning["model"][-1].out_features == 10
+    assert features["feature_map"].shape == (2, 1024, 16, 16) and features["embedding"].shape == (2, 1024)
+    torch.testing.assert_close(features["embedding"], features["feature_map"].mean((2, 3)))
+    with torch.no_grad():
+        torch.testing.assert_close(features["model"][-1](features["embedding"]), features["model"](features["x"]))
     assert isinstance(hub["model"], nn.Sequential) and hub["model"][0].kernel_size == (14, 14)
 
 
