@@ -1164,7 +1164,13 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
     assert rows[0]["commit"] == (commit["commit"][:7] + " + changes" * bool(commit["dirty"])
                                  + " (named)" * bool(commit.get("from")) if commit else "unknown")
     assert run_pieces.markdown(rows).splitlines()[0] == \
-        "| piece | from | to | time | device | commit | step mode | torch |"
+        "| piece | from | to | time | img/s | device | commit | step mode | torch |"
+    config = read_log(out)[0]["config"]           # img/s: the piece's images per second of its time
+    b, steps_per_epoch = config["batch_size"], config["n_train"] // config["batch_size"]
+    before = resumes[0]["wall_seconds_before"]
+    assert [r["img/s"] for r in rows] == [f"{(steps_per_epoch + 1) * b / before:,.0f}",
+                                          f"{(2 * steps_per_epoch - 1) * b / (total - before):,.0f}"]
+    assert run_pieces.pieces(graph)[1][0]["img/s"] == f"{(steps_per_epoch + 1) * b / stopped['wall_seconds']:,.0f}"
 
     # The same update: on CUDA every mode runs the same fused AdamW kernel; on a CPU the host mode's
     # AdamW is not fused, so the switched run ends as the host run did up to float rounding.
