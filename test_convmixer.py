@@ -470,6 +470,7 @@ def test_cifar10_weights_load_from_the_checkout_once_committed(tmp_path, monkeyp
     committed = HERE / spec["checkout_file"]
     assert spec["checkout_file"] == "results/cifar10_convmixer_256_8_k9_p1/model.pt"
     if committed.exists():
+        assert storage_locations(committed) == {"cpu"}          # trained on a GPU, loads anywhere
         model = convmixer.convmixer_cifar10(pretrained=True)
         saved = torch.load(committed, weights_only=True)["state_dict"]
         assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
@@ -580,6 +581,14 @@ def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
+def storage_locations(path):
+    """The devices that a checkpoint's tensors were saved from: torch.load puts each back there, so
+    a file with "cuda:0" in it loads on a machine without a GPU only given a map_location."""
+    found = set()
+    torch.load(path, weights_only=True, map_location=lambda storage, location: found.add(location) or storage)
+    return found
+
+
 def without_timings(records):
     timing = {"epoch_seconds", "images_per_second", "wall_seconds"}
     return [{k: v for k, v in r.items() if k not in timing} for r in records
@@ -591,6 +600,30 @@ def reference_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     result = run_script(*TINY, "--workers", "0", "--out", out)
     return out, result
+
+
+def test_checkpoints_are_written_from_the_cpu_through_every_container(tmp_path):
+    """save_atomic (last.pt, model.pt) saves each tensor from the CPU, found inside dicts, lists and
+    tuples as a model's and AdamW's state_dicts hold them, and leaves everything else as it is; so
+    a file written on a GPU loads with a plain torch.load on any machine (the GPU test of the step
+    modes checks files written from CUDA)."""
+    from trainer.files import on_cpu, save_atomic
+    weight = torch.randn(3, 2, requires_grad=True)
+    obj = {"state_dict": {"0.weight": weight, "1.num_batches_tracked": torch.tensor(7)},
+           "optimizer": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.ones(3, 2)}},
+                         "param_groups": [{"params": [0], "lr": torch.tensor(0.5), "betas": (0.9, 0.999)}]},
+           "epoch": 3, "sums": {"loss": 1.5, "seen": 64}, "name": None, "shapes": [(1, 2), [3]]}
+    copied = on_cpu(obj)
+    assert not copied["state_dict"]["0.weight"].requires_grad and torch.equal(copied["state_dict"]["0.weight"], weight)
+    group = copied["optimizer"]["param_groups"][0]
+    assert group["params"] == [0] and group["betas"] == (0.9, 0.999) and isinstance(group["betas"], tuple)
+    assert float(group["lr"]) == 0.5 and copied["shapes"] == [(1, 2), [3]] and isinstance(copied["shapes"][0], tuple)
+    assert {k: copied[k] for k in ("epoch", "sums", "name")} == {"epoch": 3, "sums": {"loss": 1.5, "seen": 64},
+                                                                 "name": None}
+    save_atomic(obj, tmp_path / "last.pt")
+    assert storage_locations(tmp_path / "last.pt") == {"cpu"}
+    loaded = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.ones(3, 2)) and loaded["epoch"] == 3
 
 
 def test_training_run_writes_its_log_and_model(reference_run):
@@ -610,6 +643,7 @@ def test_training_run_writes_its_log_and_model(reference_run):
     assert f"final test accuracy {final['test_acc']:.2f}%" in result.stdout
 
     saved = torch.load(out / "model.pt", weights_only=True)
+    assert storage_locations(out / "model.pt") == {"cpu"}
     c = saved["config"]
     assert set(c) >= {"hdim", "depth", "ksize", "psize", "n_classes", "mean", "std"}
     model = ConvMixer(c["hdim"], c["depth"], c["ksize"], c["psize"], c["n_classes"])
@@ -1701,13 +1735,16 @@ def test_compile_trains_as_the_eager_model_does(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")
 def test_train_cifar_cuda_only_step_modes_train_alike(tmp_path):
     """A short --fast run with the step checked on the host, on the device, and replayed as a CUDA
-    graph: the same schedule and data, so the same losses up to the order of floating-point sums."""
+    graph: the same schedule and data, so the same losses up to the order of floating-point sums.
+    Its model.pt and last.pt, written from the GPU, hold CPU tensors: they load on any machine."""
     logs = {}
     for mode in ("host", "device", "graph"):
         run_script("--hdim", "64", "--depth", "2", "--ksize", "9", "--psize", "2", "--epochs", "2",
                    "--batch-size", "64", "--fake-data", "1024", "--fast", "--step-mode", mode,
                    "--out", tmp_path / mode)
         logs[mode] = [r["train_loss"] for r in read_log(tmp_path / mode) if "train_loss" in r]
+        assert storage_locations(tmp_path / mode / "model.pt") == storage_locations(tmp_path / mode / "last.pt") \
+            == {"cpu"}
     for mode in ("device", "graph"):
         assert logs[mode] == pytest.approx(logs["host"], rel=0.02), (mode, logs)
 

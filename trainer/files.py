@@ -64,14 +64,28 @@ def write_atomic(data: bytes, path: Path):
 
 def save_atomic(obj, path: Path):
     """torch.save(obj) or a str, written atomically. Serialized in memory first, so that a full
-    disk shows up as an OSError of the write (torch.save's own writer reports a RuntimeError)."""
+    disk shows up as an OSError of the write (torch.save's own writer reports a RuntimeError).
+    Tensors are saved from the CPU, so that a file written on a GPU loads with a plain torch.load
+    on a machine without one (torch.save records each tensor's device, and torch.load puts it back
+    there)."""
     if isinstance(obj, str):
         data = obj.encode()
     else:
         buffer = io.BytesIO()
-        torch.save(obj, buffer)
+        torch.save(on_cpu(obj), buffer)
         data = buffer.getvalue()
     write_atomic(data, path)
+
+
+def on_cpu(obj):
+    """obj with every tensor in its dicts, lists and tuples copied to the CPU (a CPU tensor as it is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(value) for value in obj)
+    return obj
 
 
 def fsync_folder(folder):
