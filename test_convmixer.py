@@ -1076,6 +1076,8 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
     float32 = {t for t in all_of_them if t.startswith("test_fast_depthwise_matches_conv2d_float32[")}
     assert len(float32) == 22 and chosen & float32 == {t for t in float32 if "-32-32-9]" in t}
     assert chosen < all_of_them
+
+
 MAIN_RUN = HERE / "results" / "cifar10_convmixer_256_8_k9_p1"
 
 
