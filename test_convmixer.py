@@ -611,19 +611,24 @@ def test_checkpoints_are_written_from_the_cpu_through_every_container(tmp_path):
     weight = torch.randn(3, 2, requires_grad=True)
     obj = {"state_dict": {"0.weight": weight, "1.num_batches_tracked": torch.tensor(7)},
            "optimizer": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.ones(3, 2)}},
-                         "param_groups": [{"params": [0], "lr": torch.tensor(0.5), "betas": (0.9, 0.999)}]},
-           "epoch": 3, "sums": {"loss": 1.5, "seen": 64}, "name": None, "shapes": [(1, 2), [3]]}
-    copied = on_cpu(obj)
+                         "param_groups": [{"params": [0], "lr": torch.tensor(0.5, requires_grad=True),
+                                           "betas": (0.9, 0.999)}]},
+           "epoch": 3, "sums": {"loss": 1.5, "seen": 64}, "name": None, "shapes": [(1, 2), [3]],
+           "pair": (torch.ones(2, requires_grad=True), 4)}
+    copied = on_cpu(obj)           # on a CPU, .cpu() returns the tensor itself: detach() shows the copy
     assert not copied["state_dict"]["0.weight"].requires_grad and torch.equal(copied["state_dict"]["0.weight"], weight)
     group = copied["optimizer"]["param_groups"][0]
     assert group["params"] == [0] and group["betas"] == (0.9, 0.999) and isinstance(group["betas"], tuple)
-    assert float(group["lr"]) == 0.5 and copied["shapes"] == [(1, 2), [3]] and isinstance(copied["shapes"][0], tuple)
+    assert float(group["lr"]) == 0.5 and not group["lr"].requires_grad                  # inside a list
+    assert isinstance(copied["pair"], tuple) and not copied["pair"][0].requires_grad and copied["pair"][1] == 4
+    assert copied["shapes"] == [(1, 2), [3]] and isinstance(copied["shapes"][0], tuple)
     assert {k: copied[k] for k in ("epoch", "sums", "name")} == {"epoch": 3, "sums": {"loss": 1.5, "seen": 64},
                                                                  "name": None}
     save_atomic(obj, tmp_path / "last.pt")
     assert storage_locations(tmp_path / "last.pt") == {"cpu"}
     loaded = torch.load(tmp_path / "last.pt", weights_only=True)
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.ones(3, 2)) and loaded["epoch"] == 3
+    assert not loaded["pair"][0].requires_grad          # torch.save keeps requires_grad: on_cpu was applied
 
 
 def test_training_run_writes_its_log_and_model(reference_run):
