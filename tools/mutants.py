@@ -42,7 +42,9 @@ DEPTHWISE_TESTS = "matches_conv2d_float32 or toeplitz_stacks"
 MUTANTS = [
     # The trainer (train_cifar.py)
     Mutant("flip_tta_vertical", "flip-TTA flips the image upside down", "train_cifar.py",
-           "model(x.flip(3))", "model(x.flip(2))", "flip_tta"),
+           "x = x.flip(3)", "x = x.flip(2)", "flip_tta"),
+    Mutant("flip_tta_mirror_only", "flip-TTA scores the mirrored images alone", "train_cifar.py",
+           "accuracy(logits + predict(", "accuracy(0 * logits + predict(", "flip_tta"),
     Mutant("lr_per_epoch", "the learning rate is stepped once per epoch, not every step",
            "train_cifar.py", "(self.epoch * plan.steps + self.step + 1)",
            "(self.epoch * plan.steps + plan.steps)", "learning_rate"),
@@ -81,7 +83,7 @@ MUTANTS = [
     Mutant("eval_in_train_mode", "evaluation with BatchNorm in training mode", "train_cifar.py",
            "    model.eval()\n", "    pass\n", "eval_mode"),
     Mutant("eval_leaves_eval_mode", "training goes on in eval mode after an evaluation", "train_cifar.py",
-           "    model.train()\n    return 100.0", "    return 100.0", "eval_mode"),
+           "    model.train()\n    return torch.cat(logits)", "    return torch.cat(logits)", "eval_mode"),
     Mutant("always_mixup", "MixUp every batch, never CutMix", "train_cifar.py",
            "    return v2.RandomChoice(mixers)", "    return mixers[0]", "chooses_mixup"),
     Mutant("batch_128", "the default batch size 128, not the paper's 64", "train_cifar.py",
