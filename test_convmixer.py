@@ -1114,8 +1114,7 @@ def test_the_committed_main_run_can_be_continued_by_this_code():
     assert [float(s["step"]) for s in optimizer.state.values()] == [float(steps)] * len(list(model.parameters()))
     if REAL_DATA:
         images, labels = train_cifar.load_cifar10(REAL_DATA, train=False)
-        accuracy = train_cifar.accuracy(train_cifar.predict(model, images[:100], torch.device("cpu"), amp=False),
-                                        labels[:100])
+        accuracy, = train_cifar.evaluate(model, images[:100], labels[:100], torch.device("cpu"), amp=False)
         assert accuracy > 70, accuracy
 
 
@@ -1633,8 +1632,8 @@ def test_the_cuda_only_lines_run_on_a_cpu_bfloat16_autocast_and_fused_adamw():
         x, targets = torch.randn(8, 3, 32, 32), nn.functional.one_hot(torch.arange(8) % 10, 10).float()
         loss, correct = train_cifar.train_step(model, optimizer, criterion, x, targets, 0.01, amp, 1.0)
         accuracies = train_cifar.evaluate(model, torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8),
-                                          torch.arange(16) % 10, torch.device("cpu"), amp)
-        assert all(0 <= a <= 100 for a in accuracies) and 0 <= correct <= 8
+                                          torch.arange(16) % 10, torch.device("cpu"), amp, flip_tta=True)
+        assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies) and 0 <= correct <= 8
         results[amp] = (loss, [p.detach().clone() for p in model.parameters()])
     assert results[True][0] == pytest.approx(results[False][0], rel=0.05)     # bfloat16: ~3 digits
     for p_amp, p_fp32 in zip(results[True][1], results[False][1]):
@@ -2044,7 +2043,7 @@ def test_evaluation_runs_in_eval_mode_and_leaves_the_model_training():
     with torch.no_grad():
         labels = model.eval()((images.float() / 255 - mean) / std).argmax(1)
     model.train()
-    assert train_cifar.evaluate(model, images, labels, torch.device("cpu"), False)[0] == 100.0
+    assert train_cifar.evaluate(model, images, labels, torch.device("cpu"), False) == [100.0]
     assert model.training
 
 
@@ -2079,7 +2078,7 @@ def test_flip_tta_adds_the_logits_of_the_horizontal_mirror():
     labels = (plain + mirrored).argmax(1)
     labels[:100] = (plain + upside_down).argmax(1)[:100]     # half of them: what a vertical flip says
     expected = 100.0 * ((plain + mirrored).argmax(1) == labels).float().mean().item()
-    accuracy, flip_tta = train_cifar.evaluate(model, images, labels, torch.device("cpu"), False)
+    accuracy, flip_tta = train_cifar.evaluate(model, images, labels, torch.device("cpu"), False, flip_tta=True)
     assert flip_tta == pytest.approx(expected) and flip_tta < 100
     assert accuracy == pytest.approx(100.0 * (plain.argmax(1) == labels).float().mean().item())
 

@@ -24,17 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from convmixer import ConvMixer
 from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
                            triton_version, write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
-                                  check_args, data_workers, device_name, format_seconds, non_finite_loss,
-                                  open_cifar10, parse_noting_given, start_loader)
+                                  check_args, data_workers, device_name, format_seconds, load_fake,
+                                  non_finite_loss, open_cifar10, parse_noting_given, start_loader)
 from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -115,18 +113,11 @@ def parse_args(argv=None):
 # Data: the whole of CIFAR-10 is 180 MB of uint8, so it is held in memory as tensors.
 
 def load_cifar10(root, train):
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed."""
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed. For smoke
+    tests without it, --fake-data takes torchvision's FakeData in that format (load_fake)."""
     ds = open_cifar10(root, train)    # torchvision's CIFAR10, with one-line errors (no network, ...)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return images, torch.tensor(ds.targets)
-
-
-def load_fake(n, train, seed):
-    """torchvision FakeData in the same format, for smoke tests without CIFAR-10."""
-    ds = torchvision.datasets.FakeData(n if train else max(n // 5, 1), (3, 32, 32), N_CLASSES,
-                                       random_offset=seed + (0 if train else 10**6))
-    images = torch.stack([F.pil_to_tensor(ds[i][0]) for i in range(len(ds))])
-    return images, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
 # RandAugment as timm's "rand-m9-mstd0.5-inc1", the paper's setting: trainer/randaugment.py holds its
@@ -391,16 +382,12 @@ class Run:
                 raise non_finite_loss(bad, self.steps_per_epoch, self.out)
 
     def accuracies(self, flip_tta=False):
-        """Test accuracy (and --val accuracy, when held out) of the model as it is now; with
-        flip_tta, also the test accuracy with the logits of each image's mirror added."""
-        (images, labels), result = self.test, {}
-        if flip_tta:
-            result["test_acc"], result["test_acc_flip_tta"] = evaluate(self.model, images, labels, self.device,
-                                                                       self.amp)
-        else:
-            result["test_acc"] = accuracy(predict(self.model, images, self.device, self.amp), labels)
+        """Test accuracy (and --val accuracy, when held out) of the model as it is now; with flip_tta,
+        also the test accuracy with each image's mirror (flip-TTA)."""
+        tested = evaluate(self.model, *self.test, self.device, self.amp, flip_tta)
+        result = dict(zip(["test_acc", "test_acc_flip_tta"], tested))
         if self.val:
-            result["val_acc"] = accuracy(predict(self.model, self.val[0], self.device, self.amp), self.val[1])
+            result["val_acc"] = evaluate(self.model, *self.val, self.device, self.amp)[0]
         return result
 
     def save_last(self):
@@ -458,10 +445,9 @@ def train_epochs(run, args, stop):
 
 @torch.no_grad()
 def predict(model, images, device, amp, mirror=False, batch_size=None):
-    """The logits (N, classes) of `model` in eval mode for uint8 images (N, 3, H, W), as float32 on
-    the CPU; with mirror, of each image flipped left to right. On a CPU, batches of 20: there
-    ConvMixer-256/8 p1 takes 27 ms an image (2 cores), and 48 ms in batches of 100, where each of
-    its layers' 100 MB outputs is fresh memory from the OS, paged in at first touch."""
+    """The logits (N, classes) of `model` in eval mode for uint8 images (N, 3, H, W), float32 on the
+    CPU; with mirror, of the images flipped left to right. On a CPU, batches of 20: ConvMixer-256/8
+    p1 takes 27 ms an image there (2 cores), 48 ms at 100, each layer's output then fresh memory."""
     batch_size = batch_size or (1000 if device.type == "cuda" else 20)
     model.eval()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD))
@@ -469,24 +455,20 @@ def predict(model, images, device, amp, mirror=False, batch_size=None):
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         x = (x.float() / 255 - mean) / std
-        if mirror:
-            x = x.flip(3)                                     # (B, C, H, W): 3 is the width
+        x = x.flip(3) if mirror else x                        # (B, C, H, W): 3 is the width
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits.append(model(x).float().cpu())
     model.train()
     return torch.cat(logits)
 
 
-def accuracy(logits, labels):
-    """The share (%) of images whose largest logit is their label's."""
-    return 100.0 * (logits.argmax(1) == labels).sum().item() / len(labels)
-
-
-def evaluate(model, images, labels, device, amp):
-    """(test accuracy, flip-TTA accuracy) in %: flip-TTA adds the logits of each image and of its
-    mirror, so it costs one more pass over the images."""
-    logits = predict(model, images, device, amp)
-    return accuracy(logits, labels), accuracy(logits + predict(model, images, device, amp, mirror=True), labels)
+def evaluate(model, images, labels, device, amp, flip_tta=False):
+    """[accuracy (%)] of `model` on uint8 images; with flip_tta [accuracy, flip-TTA accuracy], where
+    flip-TTA adds the logits of each image's mirror to its own: one more pass over the images."""
+    logits = [predict(model, images, device, amp)]
+    if flip_tta:
+        logits.append(logits[0] + predict(model, images, device, amp, mirror=True))
+    return [100.0 * (each.argmax(1) == labels).sum().item() / len(labels) for each in logits]
 
 
 def evaluate_checkpoint(args):
@@ -496,7 +478,7 @@ def evaluate_checkpoint(args):
         load_cifar10(args.data, train=False)
     print(f"evaluating {args.eval}: {len(images):,} test images and their mirrors on "
           f"{device_name(device)}", flush=True)
-    acc, tta = evaluate(model.to(device), images, labels, device, args.amp and device.type == "cuda")
+    acc, tta = evaluate(model.to(device), images, labels, device, args.amp and device.type == "cuda", True)
     print(f"test accuracy {acc:.2f}% (flip-TTA {tta:.2f}%) on {len(images):,} images: {args.eval}")
     return acc
 

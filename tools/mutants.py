@@ -44,7 +44,7 @@ MUTANTS = [
     Mutant("flip_tta_vertical", "flip-TTA flips the image upside down", "train_cifar.py",
            "x = x.flip(3)", "x = x.flip(2)", "flip_tta"),
     Mutant("flip_tta_mirror_only", "flip-TTA scores the mirrored images alone", "train_cifar.py",
-           "accuracy(logits + predict(", "accuracy(0 * logits + predict(", "flip_tta"),
+           "logits.append(logits[0] + predict(", "logits.append(0 * logits[0] + predict(", "flip_tta"),
     Mutant("lr_per_epoch", "the learning rate is stepped once per epoch, not every step",
            "train_cifar.py", "(self.epoch * plan.steps + self.step + 1)",
            "(self.epoch * plan.steps + plan.steps)", "learning_rate"),

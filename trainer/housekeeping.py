@@ -1,7 +1,7 @@
 """Housekeeping of a train_cifar.py run, kept apart so that the trainer reads as the recipe: the
-checks that give every bad flag (and a missing or corrupt data set) a one-line error, the progress
-lines, and stopping cleanly on Ctrl-C or SIGTERM (the run's files are in files.py). Nothing here
-changes what is trained.
+checks that give every bad flag (and a missing or corrupt data set) a one-line error, the stand-in
+data of smoke tests (--fake-data), the progress lines, and stopping cleanly on Ctrl-C or SIGTERM
+(the run's files are in files.py). Nothing here changes what a CIFAR-10 run trains.
 """
 import argparse
 import math
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +125,15 @@ def open_cifar10(root, train):
         raise Fail(f"--data {root}: CIFAR-10 is not there and could not be downloaded ({e}). "
                    f"Put the official python version there, as {folder}/ "
                    f"or {Path(root) / 'cifar-10-python.tar.gz'}") from None
+
+
+def load_fake(n, train, seed):
+    """torchvision's FakeData in CIFAR-10's format (see train_cifar.load_cifar10: 10 classes), n
+    training images or n/5 test images, for smoke tests without the data set (--fake-data)."""
+    ds = torchvision.datasets.FakeData(n if train else max(n // 5, 1), (3, 32, 32), 10,
+                                       random_offset=seed + (0 if train else 10**6))
+    images = torch.stack([pil_to_tensor(ds[i][0]) for i in range(len(ds))])
+    return images, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
 def non_finite_loss(steps_done, steps_per_epoch, out):
