@@ -665,6 +665,7 @@ def test_eval_reproduces_the_logged_accuracy(reference_run):
     out, _ = reference_run
     result = run_script("--eval", out / "model.pt", "--device", "cpu", *DATA)
     final = read_log(out)[-1]
+    assert result.stdout.startswith(f"evaluating {out / 'model.pt'}: ")    # first, what it is about to do
     assert f"test accuracy {final['test_acc']:.2f}% (flip-TTA {final['test_acc_flip_tta']:.2f}%)" in result.stdout
 
 
