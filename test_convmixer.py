@@ -1403,6 +1403,30 @@ def test_the_log_records_the_commit_at_each_start_and_resume(killable_reference,
         assert "triton" not in record["versions"]                  # recorded on CUDA only
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_commit_is_dirty_for_changed_code_not_for_changed_results(tmp_path):
+    from trainer.files import code_version
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",  # noqa: E731
+                                        "-c", "user.email=t@t", *args], check=True, capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "trainer").mkdir()
+    for name in ["train_cifar.py", "trainer/files.py", "results/log.jsonl", "README.md"]:
+        (tmp_path / name).write_text("x\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert code_version(tmp_path) == {"commit": head.stdout.strip(), "dirty": False}
+    for name in ["results/log.jsonl", "README.md"]:      # a run's committed files go on; no code changed
+        (tmp_path / name).write_text("y\n")
+    (tmp_path / "notes.py").write_text("untracked\n")
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "trainer/files.py").write_text("y\n")
+    assert code_version(tmp_path)["dirty"] is True
+    git("commit", "-qam", "d")
+    (tmp_path / "train_cifar.py").unlink()
+    assert code_version(tmp_path)["dirty"] is True
+
 
 def test_missing_data_without_network_says_where_the_files_go(tmp_path, monkeypatch):
     import torchvision

@@ -160,18 +160,20 @@ def read_log(path: Path, quiet=False):
     return records
 
 
-def code_version():
-    """The git commit the code was run from, and whether it had uncommitted changes to tracked files.
-    A copy that is not a checkout (copied to another machine, say) can name its commit in the
-    environment variable CONVMIXER_COMMIT; else None."""
-    here = Path(__file__).resolve().parent.parent
+def code_version(checkout=None):
+    """The git commit the code was run from, and whether its tracked Python files had uncommitted
+    changes (a run's own files committed under results/, updated since, change no code). A copy
+    that is not a checkout (copied to another machine, say) can name its commit in the environment
+    variable CONVMIXER_COMMIT; else None."""
+    here = Path(checkout or Path(__file__).resolve().parent.parent)
 
     def git(*args):
         result = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=30)
         return result.stdout.strip() if result.returncode == 0 else None
     try:
         if git("ls-files", "--error-unmatch", "train_cifar.py") is not None:   # this project's checkout
-            commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+            commit = git("rev-parse", "HEAD")
+            changes = git("status", "--porcelain", "--untracked-files=no", "--", "*.py")
             if commit:
                 return {"commit": commit, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):

@@ -163,7 +163,7 @@ def announce(recipe, n_params, steps_per_epoch, where, out):
 def describe_code(code):
     if code is None:
         return "not a git checkout (set CONVMIXER_COMMIT to record the commit of a copy)"
-    changes = {True: " with uncommitted changes", False: "", None: " (as CONVMIXER_COMMIT names it)"}
+    changes = {True: " with uncommitted code changes", False: "", None: " (as CONVMIXER_COMMIT names it)"}
     return f"commit {code['commit'][:12]}{changes[code['dirty']]}"
 
 
