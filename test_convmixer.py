@@ -1954,12 +1954,34 @@ def test_defaults_are_the_papers_cifar10_recipe():
     assert (a.lr, a.wd, a.eps, a.clip, a.label_smoothing, a.amp) == (0.01, 0.01, 1e-3, 1.0, 0.1, True)
     assert (a.scale, a.ra_n, a.ra_m, a.ra_mstd, a.ra_p) == (0.75, 2, 9, 0.5, 0.5)
     assert (a.mixup, a.cutmix, a.reprob) == (0.5, 0.5, 0.25)
-    # The fast path on CUDA, the plain reference on a CPU; the step checked on the host either way.
-    assert a.fast == torch.cuda.is_available() and a.step_mode == "host" and not a.compile
+    # The fast path and its graph step on CUDA; the plain reference, its loss checked on the host,
+    # on a CPU.
+    cuda = torch.cuda.is_available()
+    assert a.fast == cuda and a.step_mode == ("graph" if cuda else "host") and not a.compile
     assert train_cifar.parse_args(["--device", "cpu"]).fast is False
-    assert train_cifar.parse_args(["--device", "cpu", "--fast"]).fast is True
+    cpu_fast = train_cifar.parse_args(["--device", "cpu", "--fast"])
+    assert cpu_fast.fast is True and cpu_fast.step_mode == "host"
     optimizer = train_cifar.make_optimizer(ConvMixer(8, 1, 3, 4), a)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_on_cuda_the_default_step_is_the_fast_paths_graph_and_the_benchmark_names_each_path(monkeypatch):
+    """The step-mode default, as a machine with CUDA gets it; the benchmark's paths give every flag
+    in full, so that "plain" is not the CUDA default (the fast path) and "fast" not its graph step."""
+    import train_cifar
+    from fast import benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    modes = {tuple(flags): (a.fast, a.step_mode, a.compile) for flags in
+             [[], ["--compile"], ["--no-fast"], ["--step-mode", "device"], ["--fast", "--step-mode", "host"]]
+             for a in [train_cifar.parse_args(["--device", "cuda", *flags])]}
+    assert modes == {(): (True, "graph", False), ("--compile",): (True, "host", True),
+                     ("--no-fast",): (False, "host", False), ("--step-mode", "device"): (True, "device", False),
+                     ("--fast", "--step-mode", "host"): (True, "host", False)}
+    args = benchmark.parse_args(["--device", "cuda", "--out", "unused"])
+    recipes = {path: benchmark.recipe_for(args, 64, path) for path in benchmark.PATHS}
+    assert {path: (r.fast, r.step_mode) for path, r in recipes.items()} == {
+        "plain": (False, "host"), "fast": (True, "host"), "fast_device": (True, "device"),
+        "fast_graph": (True, "graph")}
 
 
 def test_cpu_transform_crops_flips_and_erases_at_the_recipes_rates():

@@ -5,15 +5,16 @@ synthetic data; everything into one benchmark.json.
     python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 512 --paths plain fast
 
 Paths: "plain" (the reference: per-image CPU augmentation, PyTorch's depthwise convolution, the loss
-checked on the host every step), "fast" (--fast: batch augmentation on the device, the Triton
-depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync per step),
-"fast_graph" (--fast --step-mode graph: the step replayed as one CUDA graph; CUDA only); --compile
-adds torch.compile of the model to each. For each batch size and path: images per second for the whole
-step (data, MixUp/CutMix, forward, backward, clipping, AdamW) and for the model alone; the fast
-paths' augmentation alone; a torch.profiler table of the kernels (on a CPU, the operators) that take
-the most time, and the GPU-busy fraction of a step; the estimated training time of the 200-epoch
-recipe (10 million images) at that speed; on CUDA, one depthwise layer per algorithm. benchmark.json
-is written after each path, so a run cut short keeps what it measured.
+checked on the host every step), "fast" (--fast --step-mode host: batch augmentation on the device,
+the Triton depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync
+per step), "fast_graph" (--fast --step-mode graph, --fast's default on CUDA: the step replayed as
+one CUDA graph; CUDA only); --compile adds torch.compile of the model to each. For each batch size
+and path: images per second for the whole step (data, MixUp/CutMix, forward, backward, clipping,
+AdamW) and for the model alone; the fast paths' augmentation alone; a torch.profiler table of the
+kernels (on a CPU, the operators) that take the most time, and the GPU-busy fraction of a step; the
+estimated training time of the 200-epoch recipe (10 million images) at that speed; on CUDA, one
+depthwise layer per algorithm. benchmark.json is written after each path, so a run cut short keeps
+what it measured.
 """
 import argparse
 import json
@@ -31,8 +32,9 @@ from fast.augment import AUGMENT_CHUNK_IMAGES  # noqa: E402
 from trainer.files import save_atomic  # noqa: E402
 from trainer.housekeeping import device_name  # noqa: E402
 
-PATHS = {"plain": [], "fast": ["--fast"], "fast_device": ["--fast", "--step-mode", "device"],
-         "fast_graph": ["--fast", "--step-mode", "graph"]}
+# Each path's flags in full: on CUDA the trainer's defaults are --fast and its graph step.
+PATHS = {"plain": ["--no-fast", "--step-mode", "host"], "fast": ["--fast", "--step-mode", "host"],
+         "fast_device": ["--fast", "--step-mode", "device"], "fast_graph": ["--fast", "--step-mode", "graph"]}
 
 
 def synchronize(device):

@@ -23,8 +23,9 @@
 #          stopped (SIGTERM) after that many seconds and saves last.pt: continue it with the same
 #          command, from OUT_DIR or from the folder committed under results/. MAIN_FLAGS go to a
 #          continued run too, where of the recipe's flags only --step-mode and --compile may differ
-#          from the run's own (e.g. MAIN_FLAGS="--step-mode graph" once the graph's GPU tests have
-#          passed). A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
+#          from the run's own (a new run takes --fast's graph step; a continued one keeps its own
+#          step mode unless MAIN_FLAGS names one, e.g. "--step-mode graph"). A recipe trial:
+#          MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
 #
 # "tests" and "bench" use synthetic images; "short" and "main" need CIFAR-10 in ./data (downloaded
 # there on first use). No GPU is needed to check that the kernels compile for an H100 (or, with
