@@ -182,6 +182,13 @@ MUTANTS = [
     Mutant("ra_no_noise", "no magnitude noise on the CPU path", "trainer/randaugment.py",
            "(self.magnitude + self.magnitude_std * torch.randn(()))", "(self.magnitude + 0 * torch.randn(()))",
            "draws_as_timm"),
+    # Which step a run takes on CUDA by default, and which path the benchmark measures
+    Mutant("graph_with_compile", "the default step is a CUDA graph with --compile too (untested there)",
+           "trainer/housekeeping.py", 'cuda and not getattr(args, "compile", False) else "host"',
+           'cuda else "host"', "default_step_is_the_fast"),
+    Mutant("benchmark_plain_takes_defaults", "the benchmark's plain path takes the trainer's defaults, on "
+           "CUDA the fast path", "fast/benchmark.py", '"plain": ["--no-fast", "--step-mode", "host"]',
+           '"plain": []', "default_step_is_the_fast"),
 ]
 
 
