@@ -1119,6 +1119,26 @@ def test_the_committed_main_run_can_be_continued_by_this_code():
         assert accuracy > 70, accuracy
 
 
+@pytest.mark.skipif(not (MAIN_RUN / "model.pt").exists(), reason="the 200-epoch run is not complete yet")
+def test_the_committed_main_run_is_complete_and_its_model_scores_as_logged():
+    """The 200-epoch run, once done: its log holds every epoch and the final record, last.pt is gone
+    (nothing is left to continue), and with the real test set the published weights
+    (convmixer_cifar10(pretrained=True), in the readable CPU model: float32, nn.Conv2d) score on 500
+    test images about what the log says the run scored on all 10,000 (bfloat16, Triton kernels)."""
+    import train_cifar
+    log = read_log(MAIN_RUN)
+    epochs = [r for r in log if "train_loss" in r]
+    assert [r["epoch"] for r in epochs] == list(range(1, log[0]["config"]["epochs"] + 1)) == list(range(1, 201))
+    final = log[-1]
+    assert final.get("final") and final["test_acc"] == epochs[-1]["test_acc"]
+    assert not (MAIN_RUN / "last.pt").exists()
+    if REAL_DATA:
+        images, labels = train_cifar.load_cifar10(REAL_DATA, train=False)
+        model = convmixer.convmixer_cifar10(pretrained=True)
+        accuracy, = train_cifar.evaluate(model, images[:500], labels[:500], torch.device("cpu"), amp=False)
+        assert abs(accuracy - final["test_acc"]) < 4, (accuracy, final["test_acc"])   # 500 images: +-1% s.d.
+
+
 def test_plot_run_draws_the_committed_runs_and_one_in_progress(tmp_path):
     runs = sorted(str(d) for d in (HERE / "results").glob("cifar10_256_8_k5_p2_*"))
     assert len(runs) == 3
