@@ -105,7 +105,7 @@ def parse_args(argv=None):
         "with --fast on CUDA, unless --compile; else host)")
     args = parse_noting_given(p, argv)
     try:
-        check_args(args, N_TRAIN_IMAGES)          # and the defaults that depend on others (--fast)
+        check_args(args, N_TRAIN_IMAGES)   # and the defaults that depend on others (--fast, --step-mode)
     except ValueError as e:
         p.error(str(e))
     return args

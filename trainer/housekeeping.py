@@ -1,7 +1,8 @@
 """Housekeeping of a train_cifar.py run, kept apart so that the trainer reads as the recipe: the
 checks that give every bad flag (and a missing or corrupt data set) a one-line error, the stand-in
 data of smoke tests (--fake-data), the progress lines, and stopping cleanly on Ctrl-C or SIGTERM
-(the run's files are in files.py). Nothing here changes what a CIFAR-10 run trains.
+(the run's files are in files.py). Nothing here changes what a CIFAR-10 run trains; check_args only
+chooses how, where a flag is left out (--fast and its step on CUDA).
 """
 import argparse
 import math
