@@ -3,6 +3,7 @@
 Model tests use only torch. Trainer tests run train_cifar.py as a user would, on a small slice
 of the real CIFAR-10 when CIFAR10_ROOT (or ./data) holds it, else on torchvision's FakeData.
 """
+import copy
 import errno
 import importlib.util
 import json
@@ -1740,14 +1741,19 @@ def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_dev
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_device_step_cuda_only_graph_replays_what_the_eager_step_does():
+@pytest.mark.parametrize("fused_norm", [False, True], ids=["gelu_then_batchnorm", "fused_gelu_batchnorm"])
+def test_device_step_cuda_only_graph_replays_what_the_eager_step_does(fused_norm):
     """The whole step captured in a CUDA graph and replayed: the same weights as the eager step (the
-    same kernels), the warm-up of the capture undone, a bad step skipped; then a short train_cifar run."""
+    same kernels), the warm-up of the capture undone (BatchNorm's running statistics too), a bad step
+    skipped; with GELU -> BatchNorm as nn.Modules and fused (fast/gelu_batchnorm.py)."""
     from fast.step import DeviceStep
     results = []
     for graph in (False, True):
         model, optimizer, criterion, batches = device_step_setup()
         model = model.cuda()
+        if fused_norm:
+            from fast.gelu_batchnorm import use_fused_gelu_batch_norm
+            use_fused_gelu_batch_norm(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.0, device="cuda"), eps=1e-3,
                                       fused=True, capturable=True)
         step = DeviceStep(model, optimizer, criterion, amp=True, clip=1.0, device=torch.device("cuda"),
@@ -2194,7 +2200,7 @@ def test_benchmark_measures_every_path_at_both_batch_sizes_in_one_file(tmp_path)
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "amp": False, "compile": False,
-                               "workers": 0, "steps": 2}
+                               "fused_norm": False, "workers": 0, "steps": 2}
     for b in (8, 16):
         section = bench[f"batch_{b}"]
         assert list(section) == ["plain", "fast", "fast_device"]               # no CUDA graph on a CPU
@@ -2230,6 +2236,20 @@ def test_benchmark_saves_each_path_as_soon_as_it_is_measured(tmp_path, monkeypat
     bench = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     assert bench["batch_16"]["fast"]["img_s"] > 0 and bench["batch_16"]["fast"]["profile"]["steps"] == 1
     assert "plain" not in bench["batch_16"] and not list((tmp_path / "b").glob("*.tmp"))
+
+
+def test_benchmark_fused_norm_puts_the_fused_gelu_batchnorm_in_the_fast_paths_only(tmp_path, gelu_batchnorm):
+    from fast import benchmark
+    # Small, since Triton's interpreter runs one program at a time: 2 channels x 4 images.
+    args = benchmark.parse_args(["--hdim", "2", "--depth", "1", "--ksize", "3", "--psize", "8",
+                                 "--batch-sizes", "4", "--paths", "plain", "fast_device", "--steps", "1",
+                                 "--fused-norm", "--device", "cpu", "--workers", "0", "--out", str(tmp_path)])
+    bench = benchmark.benchmark(args)
+    assert bench["config"]["fused_norm"] is True
+    operators = {path: " ".join(row["name"] for row in bench["batch_4"][path]["profile"]["top"])
+                 for path in ("plain", "fast_device")}
+    assert "convmixer::gelu_batch_norm" in operators["fast_device"]
+    assert "gelu_batch_norm" not in operators["plain"]
 
 
 def test_train_cifar_does_not_import_the_benchmark():
@@ -2412,6 +2432,10 @@ def test_fast_depthwise_kernels_compile_for_an_h100_without_spilling():
     assert [row[0] for row in design_card] == ["depthwise_forward_toeplitz_kernel",
                                                "depthwise_weight_grad_toeplitz_kernel"]
     assert all(row[1] == "bf16" and int(row[3]) == 0 and int(row[6]) > 0 for row in design_card)
+    norm = [line.split() for line in proc.stdout.splitlines() if "GELU -> BatchNorm" in line]
+    assert [row[0] for row in norm] == ["plane_stats_kernel", "normalize_kernel", "grad_sums_kernel",
+                                        "grad_input_kernel"]                # fast/gelu_batchnorm.py's
+    assert all(row[1] == "bf16" and int(row[3]) == 0 for row in norm)
 
 
 def test_check_kernels_reports_spilled_registers():
@@ -2419,7 +2443,8 @@ def test_check_kernels_reports_spilled_registers():
     proc = check_kernels("import sys, torch, check_kernels\n"
                          "from check_kernels import fast_depthwise\n"
                          "fast_depthwise.TOEPLITZ_MAX_WIDTH = 64\n"
-                         "sys.exit(check_kernels.main([('W=64', 8, 16, 64, 9, torch.float32, 'toeplitz')]))")
+                         "case = ('W=64', 8, 16, 64, 9, torch.float32, 'toeplitz')\n"
+                         "sys.exit(check_kernels.main([case], norm_cases=[]))")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "<- spills" in proc.stdout and "kernel(s) with problems" in proc.stdout
 
@@ -2429,8 +2454,8 @@ def test_check_kernels_compiles_for_the_gpu_asked_for():
     # and a B200's (sm_100) are counted too, though its products compile to other (tcgen05) MMAs.
     case = "[('CIFAR-10 at p2', 64, 16, 16, 5, torch.bfloat16, 'auto')]"
     proc = check_kernels(f"import sys, torch, check_kernels\n"
-                         f"sys.exit(check_kernels.main({case}, arch=75) + 2 * check_kernels.main({case}, arch=80)"
-                         f" + 4 * check_kernels.main({case}, arch=100))")
+                         f"main = lambda arch: check_kernels.main({case}, arch, norm_cases=[])\n"
+                         f"sys.exit(main(75) + 2 * main(80) + 4 * main(100))")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     t4, rest = proc.stdout.split("target cuda sm_80")
     a100, b200 = rest.split("target cuda sm_100")
@@ -2444,6 +2469,166 @@ def test_fast_depthwise_refuses_other_convolutions(fast_depthwise):
         fast_depthwise.FastDepthwiseConv2d(nn.Conv2d(4, 4, 3, padding="same"))
     with pytest.raises(ValueError, match="depthwise"):
         fast_depthwise.FastDepthwiseConv2d(nn.Conv2d(4, 4, 3, groups=4, padding=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# fast/gelu_batchnorm.py: GELU -> BatchNorm2d fused, against the pair (CPU: Triton interpreter)
+
+@pytest.fixture(scope="module")
+def gelu_batchnorm():
+    pytest.importorskip("triton")
+    from fast import gelu_batchnorm
+    return gelu_batchnorm
+
+
+def gelu_then_batchnorm(gelu_batchnorm, channels, seed=0):
+    """nn.GELU -> nn.BatchNorm2d with random affine parameters and running statistics, and the fused
+    module made from a copy of that BatchNorm2d."""
+    torch.manual_seed(seed)
+    norm = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for t, (low, high) in zip([norm.weight, norm.bias, norm.running_mean, norm.running_var],
+                                  [(0.5, 1.5), (-0.5, 0.5), (-0.2, 0.2), (0.5, 1.5)]):
+            t.uniform_(low, high)
+    fused = gelu_batchnorm.FusedGeluBatchNorm2d(copy.deepcopy(norm))
+    return nn.Sequential(nn.GELU(), norm).to(DEVICE), fused.to(DEVICE)
+
+
+def output_and_gradients(module, z, dy):
+    y = module(z)
+    norm = module[1] if isinstance(module, nn.Sequential) else module
+    return [y, *torch.autograd.grad(y, (z, norm.weight, norm.bias), dy)]
+
+
+def buffers_of(module):
+    norm = module[1] if isinstance(module, nn.Sequential) else module
+    return [norm.running_mean, norm.running_var, norm.num_batches_tracked]
+
+
+@pytest.mark.parametrize("B,C,H,W", [(4, 3, 5, 7), (3, 4, 32, 32), (2, 2, 40, 40), (1, 2, 1, 2)])
+def test_fused_gelu_batchnorm_matches_gelu_then_batchnorm_float32(gelu_batchnorm, B, C, H, W):
+    """Two training steps (the second normalizes with its own batch's statistics and moves the
+    running ones again), then eval mode: the output, the gradients of the input, weight and bias,
+    and the running statistics. 40 x 40 planes are larger than one program's block (1,024 values);
+    (1, 2, 1, 2) has two values per channel, the fewest BatchNorm trains on."""
+    pair, fused = gelu_then_batchnorm(gelu_batchnorm, C)
+    names = ["output", "grad_input", "grad_weight", "grad_bias"]
+    for step in range(2):
+        z = (torch.randn(B, C, H, W, device=DEVICE) * 2 + 0.5).requires_grad_()
+        dy = torch.randn(B, C, H, W, device=DEVICE)
+        expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
+        for name, e, g in zip(names, expected, got):
+            assert g.dtype == e.dtype and g.shape == e.shape, name
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()),
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+        for e, g in zip(buffers_of(pair), buffers_of(fused)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert fused.num_batches_tracked.item() == 2
+    z = torch.randn(B, C, H, W, device=DEVICE)
+    torch.testing.assert_close(fused.eval()(z), pair.eval()(z))
+
+
+def test_fused_gelu_batchnorm_in_half_precision_normalizes_what_gelu_would_output(gelu_batchnorm):
+    """16-bit input, as under autocast: GELU's output is rounded to float16 before BatchNorm sees
+    it, and the fused kernels round it the same way. float16 takes the code path of bfloat16 and,
+    unlike bfloat16, also runs in Triton's interpreter on a CPU."""
+    pair, fused = gelu_then_batchnorm(gelu_batchnorm, 3)
+    z = (torch.randn(4, 3, 8, 8, device=DEVICE) * 2).half().requires_grad_()
+    dy = torch.randn(4, 3, 8, 8, device=DEVICE).half()
+    expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
+    for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
+        assert g.dtype == e.dtype, name
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=2e-3 * max(1.0, e.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+    for e, g in zip(buffers_of(pair), buffers_of(fused)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # The batch's statistics are those of GELU's float16 output, not of the float32 values before
+    # rounding (their means differ by about 1e-5 here).
+    _, mean, var = gelu_batchnorm.gelu_batch_norm(z.detach(), fused.weight, fused.bias, fused.eps)
+    g = nn.functional.gelu(z.detach()).float()
+    torch.testing.assert_close(mean, g.mean((0, 2, 3)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(var, g.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def assert_the_same_training_step(reference, model, x, loss_tolerance, grad_tolerance):
+    """One forward and backward pass of each, in training mode: the same loss, gradients and (then)
+    state_dict values, BatchNorm's running statistics among them."""
+    loss_reference, loss = reference(x).square().sum(), model(x).square().sum()
+    torch.testing.assert_close(loss, loss_reference, rtol=loss_tolerance, atol=loss_tolerance)
+    loss_reference.backward()
+    loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=grad_tolerance, atol=grad_tolerance / 10,
+                                   msg=lambda m: f"{name}: {m}")
+    for (name, e), g in zip(reference.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_gelu_batchnorm_in_a_convmixer_keeps_state_dict_and_results(gelu_batchnorm):
+    """Swapped into a ConvMixer (patch embedding and both halves of each block): the same state_dict
+    keys, the same Parameter and buffer objects (an optimizer made before the swap still trains it),
+    the same loss, gradients and running statistics after a training step, and in eval mode."""
+    torch.manual_seed(0)
+    plain = randomize_(ConvMixer(8, 2, 5, 2, 10)).to(DEVICE).train()
+    fused = copy.deepcopy(plain)
+    before = fused.state_dict(keep_vars=True)
+    gelu_batchnorm.use_fused_gelu_batch_norm(fused)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("FusedGeluBatchNorm2d") == 1 + 2 * 2 and kinds.count("Identity") == 5
+    assert "GELU" not in kinds and "BatchNorm2d" not in kinds
+    after = fused.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    x = torch.randn(4, 3, 12, 10, device=DEVICE)
+    assert_the_same_training_step(plain, fused, x, loss_tolerance=1e-5, grad_tolerance=1e-4)
+    torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gelu_batchnorm_takes_only_convmixers_pair(gelu_batchnorm):
+    """Other activations and BatchNorms without affine parameters, running statistics or a momentum
+    are left as they are; the module refuses them, and a batch with one value per channel."""
+    relu = ConvMixer(8, 1, 3, 2, 10, activation=nn.ReLU)
+    kinds = [type(m) for m in relu.modules()]
+    assert [type(m) for m in gelu_batchnorm.use_fused_gelu_batch_norm(relu).modules()] == kinds
+    for gelu, kwargs in [(nn.GELU(approximate="tanh"), {}), (nn.GELU(), dict(affine=False)),
+                         (nn.GELU(), dict(track_running_stats=False)), (nn.GELU(), dict(momentum=None))]:
+        pair = nn.Sequential(gelu, nn.BatchNorm2d(4, **kwargs))
+        assert [type(m) for m in gelu_batchnorm.use_fused_gelu_batch_norm(pair)] == [nn.GELU, nn.BatchNorm2d]
+        if kwargs:
+            with pytest.raises(ValueError, match="not an affine BatchNorm2d with running statistics"):
+                gelu_batchnorm.FusedGeluBatchNorm2d(pair[1])
+    with pytest.raises(ValueError, match="more than 1 value per channel, got input of shape"):
+        gelu_batchnorm.FusedGeluBatchNorm2d(nn.BatchNorm2d(2))(torch.randn(1, 2, 1, 1, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_fused_gelu_batchnorm_compiles_into_one_graph(gelu_batchnorm):
+    """Both ops are torch.library ops: torch.compile(fullgraph=True) keeps them (and the running
+    statistics' updates) in one graph, with the eager module's loss, gradients and statistics."""
+    torch.manual_seed(0)
+    eager = gelu_batchnorm.use_fused_gelu_batch_norm(randomize_(ConvMixer(8, 1, 3, 2, 10)).to(DEVICE).train())
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    assert_the_same_training_step(eager, compiled, x, loss_tolerance=1e-4, grad_tolerance=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 kernels are checked on a GPU")
+@pytest.mark.parametrize("B", [64, 512])
+def test_fused_gelu_batchnorm_cuda_only_matches_the_pair_in_bfloat16_autocast(gelu_batchnorm, B):
+    """ConvMixer-256's shapes at batch 64 and 512, with a bfloat16 input, as a convolution gives it
+    under autocast: output, gradients and running statistics against GELU -> BatchNorm2d."""
+    pair, fused = gelu_then_batchnorm(gelu_batchnorm, 256)
+    z = (torch.randn(B, 256, 32, 32, device="cuda") * 2).bfloat16().requires_grad_()
+    dy = torch.randn(B, 256, 32, 32, device="cuda").bfloat16()
+    with torch.autocast("cuda", torch.bfloat16):
+        expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
+    for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
+        assert g.dtype == e.dtype, name
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2 * max(1.0, e.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+    for e, g in zip(buffers_of(pair), buffers_of(fused)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

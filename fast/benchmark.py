@@ -8,13 +8,14 @@ Paths: "plain" (the reference: per-image CPU augmentation, PyTorch's depthwise c
 checked on the host every step), "fast" (--fast --step-mode host: batch augmentation on the device,
 the Triton depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync
 per step), "fast_graph" (--fast --step-mode graph, --fast's default on CUDA: the step replayed as
-one CUDA graph; CUDA only); --compile adds torch.compile of the model to each. For each batch size
-and path: images per second for the whole step (data, MixUp/CutMix, forward, backward, clipping,
-AdamW) and for the model alone; the fast paths' augmentation alone; a torch.profiler table of the
-kernels (on a CPU, the operators) that take the most time, and the GPU-busy fraction of a step; the
-estimated training time of the 200-epoch recipe (10 million images) at that speed; on CUDA, one
-depthwise layer per algorithm. benchmark.json is written after each path, so a run cut short keeps
-what it measured.
+one CUDA graph; CUDA only); --compile adds torch.compile of the model to each, --fused-norm the
+fused GELU -> BatchNorm of fast/gelu_batchnorm.py (not yet part of --fast) to each fast path. For
+each batch size and path: images per second for the whole step (data, MixUp/CutMix, forward,
+backward, clipping, AdamW) and for the model alone; the fast paths' augmentation alone; a
+torch.profiler table of the kernels (on a CPU, the operators) that take the most time, and the
+GPU-busy fraction of a step; the estimated training time of the 200-epoch recipe (10 million
+images) at that speed; on CUDA, one depthwise layer per algorithm. benchmark.json is written after
+each path, so a run cut short keeps what it measured.
 """
 import argparse
 import json
@@ -130,6 +131,9 @@ def measure_path(args, path, recipe, device, images, labels, plan):
     """Whole-step and model-only images per second, and a profile, of one path at one batch size."""
     b, warmup = recipe.batch_size, WARMUP_STEPS
     model, net = train_cifar.prepare_model(recipe, device)
+    if args.fused_norm and recipe.fast:     # in place, before a compiled net's first call traces it
+        from fast.gelu_batchnorm import use_fused_gelu_batch_norm
+        use_fused_gelu_batch_norm(model)
     optimizer = train_cifar.make_optimizer(model, recipe, fused=recipe.step_mode != "host" or None)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     mix = train_cifar.batch_mixing(recipe)
@@ -192,8 +196,8 @@ def benchmark(args):
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": device_name(device), "torch": torch.__version__,
               "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize, "psize": args.psize,
-                         "amp": device.type == "cuda", "compile": args.compile, "workers": args.workers,
-                         "steps": args.steps}}
+                         "amp": device.type == "cuda", "compile": args.compile,
+                         "fused_norm": args.fused_norm, "workers": args.workers, "steps": args.steps}}
     paths = args.paths or [p for p in PATHS if p != "fast_graph" or device.type == "cuda"]
     for b in args.batch_sizes:
         n_images = b * (WARMUP_STEPS + args.steps + profiled_steps(args, b) + 1)
@@ -231,6 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: all that run on the device")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on every path")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="fast paths: GELU -> BatchNorm fused (fast/gelu_batchnorm.py; Triton: CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the plain path's")
     p.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Compile the Triton kernels of fast/depthwise.py for an NVIDIA GPU on any machine, and check them.
+"""Compile the Triton kernels of fast/ for an NVIDIA GPU on any machine, and check them.
 
     python fast/check_kernels.py               # for an H100 (sm_90); no GPU needed; about a minute
     python fast/check_kernels.py --arch 80 89  # for an A100 and an RTX 4090 / L4 / L40S
@@ -7,8 +7,9 @@ Triton compiles for a named GPU target without that GPU being present (ptxas com
 so this finds what the CPU interpreter that runs the correctness tests cannot: code that does not
 compile for the GPU, registers spilled to local memory, more shared memory than a block of that GPU
 can have, and matrix products that do not become tensor-core instructions. It compiles exactly the
-launches fast/depthwise.py makes (forward_launch, weight_grad_launch) for the shapes below, with
-the argument specializations Triton applies at run time (16-divisible sizes, 16-aligned pointers).
+launches fast/depthwise.py makes (forward_launch, weight_grad_launch) and fast/gelu_batchnorm.py's
+four for the shapes below, with the argument specializations Triton applies at run time
+(16-divisible sizes, 16-aligned pointers).
 
 One line per kernel: registers per thread, spilled bytes, shared memory, SASS instructions (the
 static count; loops run their bodies many times) and how many of them are tensor-core (MMA)
@@ -37,6 +38,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fast import depthwise as fast_depthwise  # noqa: E402
+from fast import gelu_batchnorm  # noqa: E402
 
 # Shared memory a block may have, by compute capability (CUDA C++ Programming Guide, technical
 # specifications): T4; A100; RTX 30, A10; RTX 40, L4, L40S; H100, H200; B200; RTX 50.
@@ -90,6 +92,13 @@ def inspect(compiled):
     mma = sum(op.split(".")[0].endswith("MMA") for op in instructions)   # HMMA, HGMMA, UTCHMMA (sm_100)
     return field("REG"), field("STACK") + field("LOCAL"), compiled.metadata.shared, len(instructions), mma
 
+# (what, batch, channels, side, dtype) for fast/gelu_batchnorm.py, whose launches do not depend on k
+NORM_CASES = [
+    ("ConvMixer-256/8 p1, CIFAR-10: GELU -> BatchNorm", 512, 256, 32, torch.bfloat16),
+    ("the same, float32 (--no-amp)", 512, 256, 32, torch.float32),
+    ("large planes: 224 x 224 at p1 (loops over a plane)", 16, 64, 224, torch.bfloat16),
+]
+
 
 def launches(batch, channels, side, k, dtype, algorithm):
     """The two kernel launches of a forward + backward (the input gradient reuses the forward)."""
@@ -103,33 +112,47 @@ def launches(batch, channels, side, k, dtype, algorithm):
             ("weight grad", fast_depthwise.weight_grad_launch(x, x, partial, k, pad, pad, algorithm, 16))]
 
 
-def main(cases=CASES, arch=90):
+def norm_launches(batch, channels, side, dtype):
+    """The four launches of a fused GELU -> BatchNorm forward + backward."""
+    z = torch.empty(batch, channels, side, side, device="meta", dtype=dtype)
+    plane = torch.empty(batch, channels, device="meta")           # per-plane sums, float32
+    c = torch.empty(channels, device="meta")                      # per-channel values, float32
+    return [("statistics", gelu_batchnorm.stats_launch(z, plane, plane)),
+            ("normalize", gelu_batchnorm.normalize_launch(z, c, c, c, z)),
+            ("gradient sums", gelu_batchnorm.grad_sums_launch(z, z, c, plane, plane)),
+            ("input gradient", gelu_batchnorm.grad_input_launch(z, z, c, c, c, c, z))]
+
+
+def main(cases=CASES, arch=90, norm_cases=NORM_CASES):
     """Compile and inspect every case's launches for sm_`arch`; 0 if all are clean, else 1."""
     if arch not in MAX_SHARED_KB:
         raise SystemExit(f"--arch {arch}: not one of {', '.join(map(str, MAX_SHARED_KB))}")
     target, failures = GPUTarget("cuda", arch, 32), 0
     print(f"Triton {triton.__version__}, target {target.backend} sm_{arch}")
     print(f"{'kernel':<42} {'regs':>4} {'spill':>5} {'smem':>6} {'sass':>6} {'mma':>4}  case")
-    for what, batch, channels, side, k, dtype, algorithm in cases:
-        for part, (kernel, _, args, constexprs) in launches(batch, channels, side, k, dtype, algorithm):
-            name = f"{kernel.fn.__name__.strip('_')} {TRITON_TYPES[dtype]}"
-            sig, attrs = signature(kernel, args, constexprs)
-            try:
-                compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target,
-                                          options={"num_warps": 4})
-            except Exception as e:          # noqa: BLE001 - report every kernel, then fail
-                print(f"{name:<42} FAILED TO COMPILE: {type(e).__name__}: {str(e)[:300]}  {what}")
-                failures += 1
-                continue
-            regs, spilled, shared, sass, mma = inspect(compiled)
-            problems = [p for p, bad in [
-                (f"spills {spilled} bytes", spilled > 0),
-                (f"needs {shared} bytes of shared memory", shared > MAX_SHARED_KB[arch] * 1024),
-                ("no tensor-core instruction", "toeplitz" in name and dtype != torch.float32 and mma == 0),
-            ] if bad]
-            failures += bool(problems)
-            print(f"{name:<42} {regs:>4} {spilled:>5} {shared:>6} {sass:>6} {mma:>4}  {what}"
-                  + (f"  <- {', '.join(problems)}" if problems else ""), flush=True)
+    every_launch = [(what, dtype, launch) for what, batch, channels, side, k, dtype, algorithm in cases
+                    for launch in launches(batch, channels, side, k, dtype, algorithm)]
+    every_launch += [(what, dtype, launch) for what, batch, channels, side, dtype in norm_cases
+                     for launch in norm_launches(batch, channels, side, dtype)]
+    for what, dtype, (part, (kernel, _, args, constexprs)) in every_launch:
+        name = f"{kernel.fn.__name__.strip('_')} {TRITON_TYPES[dtype]}"
+        sig, attrs = signature(kernel, args, constexprs)
+        try:
+            compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target,
+                                      options={"num_warps": 4})
+        except Exception as e:          # noqa: BLE001 - report every kernel, then fail
+            print(f"{name:<42} FAILED TO COMPILE: {type(e).__name__}: {str(e)[:300]}  {what}")
+            failures += 1
+            continue
+        regs, spilled, shared, sass, mma = inspect(compiled)
+        problems = [p for p, bad in [
+            (f"spills {spilled} bytes", spilled > 0),
+            (f"needs {shared} bytes of shared memory", shared > MAX_SHARED_KB[arch] * 1024),
+            ("no tensor-core instruction", "toeplitz" in name and dtype != torch.float32 and mma == 0),
+        ] if bad]
+        failures += bool(problems)
+        print(f"{name:<42} {regs:>4} {spilled:>5} {shared:>6} {sass:>6} {mma:>4}  {what}"
+              + (f"  <- {', '.join(problems)}" if problems else ""), flush=True)
     print(f"all kernels compile cleanly for sm_{arch}" if not failures
           else f"{failures} kernel(s) with problems for sm_{arch}")
     return 1 if failures else 0

@@ -5,16 +5,18 @@
 #
 #   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d on its
 #          32 x 32 planes (k 9 and 8, 256 channels, batch 1, 64 and 512 in bfloat16; k 9 in
-#          float32; partial stacks of planes), the batch augmentation on CUDA vs the CPU, the
-#          device step and its CUDA graph (OUT_DIR/pytest_gpu.txt). GPU_TESTS=all adds the rest
-#          of the fast path's tests: the kernels in float32 at 10 other shapes, both algorithms
-#          (odd and 1 x 1 planes, even and 1 x 1 kernels, planes wider than 32, batch 512 of 3 x 3
-#          planes; each shape is a few more Triton compilations), torch.compile of the kernels,
+#          float32; partial stacks of planes), the fused GELU -> BatchNorm vs the pair in bfloat16
+#          (batch 64 and 512), the batch augmentation on CUDA vs the CPU, the device step and its
+#          CUDA graph, with GELU -> BatchNorm unfused and fused (OUT_DIR/pytest_gpu.txt).
+#          GPU_TESTS=all adds the rest of the fast path's tests: the kernels in float32 at 10 other
+#          shapes, both algorithms (odd and 1 x 1 planes, even and 1 x 1 kernels, planes wider than
+#          32, batch 512 of 3 x 3 planes; each shape is a few more Triton compilations), the fused
+#          GELU -> BatchNorm in float32 and in a ConvMixer, torch.compile of both kinds of kernel,
 #          and the CPU-side augmentation tests (about 5 minutes on an H200).
-#   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager and with
-#          --compile: each path's whole step, model only, augmentation only, a profiled step, the
-#          200-epoch recipe's estimated time, one depthwise layer per algorithm
-#          (OUT_DIR/bench*/benchmark.json, console in bench.txt)
+#   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager, with
+#          --compile, and with --fused-norm (fast paths only): each path's whole step, model only,
+#          augmentation only, a profiled step, the 200-epoch recipe's estimated time, one depthwise
+#          layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt)
 #   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast (OUT_DIR/short)
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
 #          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in its console.txt). A run
@@ -43,13 +45,15 @@ for step in "$@"; do
     case "$step" in
     tests)
         selection="(fast_depthwise and not compiles_into_one_graph and not compile_for_an_h100 and not float32) or (matches_conv2d_float32 and 32-32-9) or batch_augment_on_cuda or cuda_only"
-        [ "${GPU_TESTS:-}" = all ] && selection="fast_depthwise or depthwise_breakdown or batch_augment or batched or resized_crop or cuda_only"
+        [ "${GPU_TESTS:-}" = all ] && selection="fast_depthwise or depthwise_breakdown or gelu_batchnorm or batch_augment or batched or resized_crop or cuda_only"
         timeout 900 python -m pytest -q -rs --durations=15 -k "$selection" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
-        for compile in "" "--compile"; do
+        # folder:flags of each benchmark run (the fused GELU -> BatchNorm on its fast paths only)
+        for run in "bench:" "bench_compile:--compile" "bench_fused_norm:--fused-norm --paths fast fast_graph"; do
+            # shellcheck disable=SC2086  # the flags are a list
             timeout 400 python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 64 512 \
-                $compile --out "$out_dir/bench${compile:+_compile}" >> "$out_dir/bench.txt" 2>&1 || status=1
+                ${run#*:} --out "$out_dir/${run%%:*}" >> "$out_dir/bench.txt" 2>&1 || status=1
         done ;;
     short)
         python train_cifar.py --hdim 256 --depth 8 --ksize 5 --psize 2 --epochs 25 --batch-size 512 \

@@ -38,6 +38,7 @@ TRAINER_TESTS = "learning_rate or one_cycle or clipping or weight_decay or label
 AUGMENT_TESTS = "batch_augment_equals or samples_the_same_distribution or batched_ops"
 STEP_TESTS = "device_step_equals_the_host_step or device_step_resumes_exactly"
 DEPTHWISE_TESTS = "matches_conv2d_float32 or toeplitz_stacks"
+NORM_TESTS = "fused_gelu_batchnorm and (matches_gelu_then or in_half or in_a_convmixer)"
 
 MUTANTS = [
     # The trainer (train_cifar.py)
@@ -171,6 +172,19 @@ MUTANTS = [
     Mutant("dw_toeplitz_next_plane", "\"toeplitz\" reads below a plane's last row into the next plane",
            "fast/depthwise.py", "(r < H) & (cols < W),\n                    other=0.0)\n        t = tl.load",
            "(cols < W),\n                    other=0.0)\n        t = tl.load", DEPTHWISE_TESTS),
+    # GELU -> BatchNorm fused (fast/gelu_batchnorm.py), in Triton's interpreter on a CPU
+    Mutant("norm_running_var_biased", "the running variance moves towards the batch's biased variance",
+           "fast/gelu_batchnorm.py", "var * (n / (n - 1))", "var", NORM_TESTS),
+    Mutant("norm_planes_only", "a channel's variance leaves out how far each plane's mean is from the channel's",
+           "fast/gelu_batchnorm.py", "m2 = plane_m2.sum(0) + plane_size * (plane_mean - mean).square().sum(0)",
+           "m2 = plane_m2.sum(0)", NORM_TESTS),
+    Mutant("norm_gelu_unrounded", "the statistics of GELU's float32 values, not of its 16-bit output",
+           "fast/gelu_batchnorm.py", "return z, g.to(z_plane.dtype.element_ty).to(tl.float32)", "return z, g",
+           NORM_TESTS),
+    Mutant("norm_grad_no_mean_term", "the input gradient leaves out the batch mean's part",
+           "fast/gelu_batchnorm.py", "-a * sum_dy / n, rstd", "0 * sum_dy, rstd", NORM_TESTS),
+    Mutant("norm_gelu_slope_cdf_only", "GELU's slope taken as Phi(z), without z * phi(z)",
+           "fast/gelu_batchnorm.py", " + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI", "", NORM_TESTS),
     # The per-image RandAugment (train_cifar.py), the reference both paths follow
     Mutant("ra_rotate_scale", "rotation on torchvision's 0-30 scale (9 degrees at m 9)", "trainer/randaugment.py",
            "lambda m: 30 * m / 10,", "lambda m: 10 * m / 10,", "randaugment_ops_are_timms"),
@@ -182,13 +196,15 @@ MUTANTS = [
     Mutant("ra_no_noise", "no magnitude noise on the CPU path", "trainer/randaugment.py",
            "(self.magnitude + self.magnitude_std * torch.randn(()))", "(self.magnitude + 0 * torch.randn(()))",
            "draws_as_timm"),
-    # Which step a run takes on CUDA by default, and which path the benchmark measures
+    # Which step a run takes on CUDA by default, and which paths the benchmark measures
     Mutant("graph_with_compile", "the default step is a CUDA graph with --compile too (untested there)",
            "trainer/housekeeping.py", 'cuda and not getattr(args, "compile", False) else "host"',
            'cuda else "host"', "default_step_is_the_fast"),
     Mutant("benchmark_plain_takes_defaults", "the benchmark's plain path takes the trainer's defaults, on "
            "CUDA the fast path", "fast/benchmark.py", '"plain": ["--no-fast", "--step-mode", "host"]',
            '"plain": []', "default_step_is_the_fast"),
+    Mutant("benchmark_fused_norm_ignored", "the benchmark's --fused-norm measures the unfused paths",
+           "fast/benchmark.py", "if args.fused_norm and recipe.fast:", "if False:", "benchmark_fused_norm"),
 ]
 
 
