@@ -1061,8 +1061,9 @@ def test_gpu_check_main_continues_a_run_committed_under_results(killable_referen
 
 def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_rest():
     """tools/gpu_check.sh's two pytest -k selections, collected here: the default one must hold
-    every CUDA-only test and the kernels at the main job's shapes (a typo there would cost a GPU
-    its test step), and no float32 kernel test of another shape, which GPU_TESTS=all adds."""
+    every CUDA-only test (but torch.compile's model in a CUDA graph, not on the training path) and
+    the kernels at the main job's shapes (a typo there would cost a GPU its test step), and no
+    float32 kernel test of another shape, which GPU_TESTS=all adds."""
     import re
     default, everything = re.findall(r'selection="([^"]+)"', (HERE / "tools" / "gpu_check.sh").read_text())
 
@@ -1073,7 +1074,10 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
         return {line.split("::", 1)[1] for line in result.stdout.splitlines() if line.startswith("test_convmixer.py::")}
     chosen, all_of_them = collected(default), collected(everything)
     cuda_only = set(re.findall(r"^def (test_\w*cuda_only\w*)\(", (HERE / "test_convmixer.py").read_text(), re.M))
-    assert len(cuda_only) >= 5 and cuda_only <= chosen, cuda_only - chosen
+    cuda_only_tests = {t for t in all_of_them if t.split("[")[0] in cuda_only}     # with parameters
+    assert len(cuda_only) >= 5 and {t.split("[")[0] for t in cuda_only_tests} == cuda_only
+    assert cuda_only_tests - chosen == {"test_device_step_cuda_only_graph_replays_what_the_eager_step_does"
+                                        "[torch_compile]"}, cuda_only_tests - chosen
     assert {f"test_fast_depthwise_matches_conv2d_bfloat16_autocast[{b}-{k}-{a}]" for b, k in [(1, 9), (64, 8), (512, 9)]
             for a in ("direct", "toeplitz")} <= chosen
     assert {"test_fast_depthwise_matches_conv2d_float32[direct-2-3-32-32-9]",
@@ -1741,22 +1745,24 @@ def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_dev
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("fused_norm", [False, True], ids=["gelu_then_batchnorm", "fused_gelu_batchnorm"])
-def test_device_step_cuda_only_graph_replays_what_the_eager_step_does(fused_norm):
+@pytest.mark.parametrize("model_kind", ["gelu_then_batchnorm", "fused_gelu_batchnorm", "torch_compile"])
+def test_device_step_cuda_only_graph_replays_what_the_eager_step_does(model_kind):
     """The whole step captured in a CUDA graph and replayed: the same weights as the eager step (the
     same kernels), the warm-up of the capture undone (BatchNorm's running statistics too), a bad step
-    skipped; with GELU -> BatchNorm as nn.Modules and fused (fast/gelu_batchnorm.py)."""
+    skipped. The model as convmixer.py builds it; with GELU -> BatchNorm fused (fast/gelu_batchnorm.py);
+    and called through torch.compile (--compile --step-mode graph: not a default, as it is untested)."""
+    from fast.gelu_batchnorm import use_fused_gelu_batch_norm
     from fast.step import DeviceStep
     results = []
     for graph in (False, True):
         model, optimizer, criterion, batches = device_step_setup()
         model = model.cuda()
-        if fused_norm:
-            from fast.gelu_batchnorm import use_fused_gelu_batch_norm
+        if model_kind == "fused_gelu_batchnorm":
             use_fused_gelu_batch_norm(model)
+        net = torch.compile(model) if model_kind == "torch_compile" else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.0, device="cuda"), eps=1e-3,
                                       fused=True, capturable=True)
-        step = DeviceStep(model, optimizer, criterion, amp=True, clip=1.0, device=torch.device("cuda"),
+        step = DeviceStep(net, optimizer, criterion, amp=True, clip=1.0, device=torch.device("cuda"),
                           graph=graph)
         step.start(0, 0.0, 0.0)
         for i, (x, t) in enumerate(batches[:5]):
