@@ -1090,6 +1090,27 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
     assert chosen < all_of_them
 
 
+def test_gpu_check_bench_runs_the_benchmark_eager_fused_then_compiled(tmp_path):
+    """tools/gpu_check.sh bench, with `python` a stand-in that records its arguments: three benchmark
+    runs of the main job's model at batch 64 and 512, each into its own folder, torch.compile's last."""
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.parent.mkdir()
+    stand_in.write_text('#!/bin/sh\nprintf "%s|" "$@" >> "$CALLS"; echo >> "$CALLS"\n')
+    stand_in.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
+               CALLS=str(tmp_path / "calls"))
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "bench"], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [line.rstrip("|").split("|") for line in (tmp_path / "calls").read_text().splitlines()
+            if line.startswith("fast/benchmark.py|")]
+    model = ["fast/benchmark.py", "--hdim", "256", "--depth", "8", "--ksize", "9", "--batch-sizes", "64", "512"]
+    assert runs == [model + ["--out", f"{out}/bench"],
+                    model + ["--fused-norm", "--paths", "fast", "fast_graph", "--out", f"{out}/bench_fused_norm"],
+                    model + ["--compile", "--out", f"{out}/bench_compile"]]
+
+
 MAIN_RUN = HERE / "results" / "cifar10_convmixer_256_8_k9_p1"
 
 

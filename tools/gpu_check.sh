@@ -15,7 +15,7 @@
 #          and of the model in the step's CUDA graph (--compile --step-mode graph),
 #          and the CPU-side augmentation tests (about 5 minutes on an H200).
 #   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager, with
-#          --compile, and with --fused-norm (fast paths only): each path's whole step, model only,
+#          --fused-norm (fast paths only), and with --compile: each path's whole step, model only,
 #          augmentation only, a profiled step, the 200-epoch recipe's estimated time, one depthwise
 #          layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt)
 #   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast (OUT_DIR/short)
@@ -50,8 +50,9 @@ for step in "$@"; do
         timeout 900 python -m pytest -q -rs --durations=15 -k "$selection" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
-        # folder:flags of each benchmark run (the fused GELU -> BatchNorm on its fast paths only)
-        for run in "bench:" "bench_compile:--compile" "bench_fused_norm:--fused-norm --paths fast fast_graph"; do
+        # folder:flags of each benchmark run (the fused GELU -> BatchNorm on its fast paths only),
+        # torch.compile's last: it compiles the model afresh for every path and batch size
+        for run in "bench:" "bench_fused_norm:--fused-norm --paths fast fast_graph" "bench_compile:--compile"; do
             # shellcheck disable=SC2086  # the flags are a list
             timeout 400 python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 64 512 \
                 ${run#*:} --out "$out_dir/${run%%:*}" >> "$out_dir/bench.txt" 2>&1 || status=1
