@@ -13,7 +13,8 @@
 #          32, batch 512 of 3 x 3 planes; each shape is a few more Triton compilations), the fused
 #          GELU -> BatchNorm in float32 and in a ConvMixer, torch.compile of both kinds of kernel
 #          and of the model in the step's CUDA graph (--compile --step-mode graph),
-#          and the CPU-side augmentation tests (about 5 minutes on an H200).
+#          and the CPU-side augmentation tests (about 5 minutes on an H200 before the fused
+#          GELU -> BatchNorm's tests and torch.compile's in a CUDA graph were added).
 #   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager, with
 #          --fused-norm (fast paths only), and with --compile: each path's whole step, model only,
 #          augmentation only, a profiled step, the 200-epoch recipe's estimated time, one depthwise
