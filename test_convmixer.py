@@ -1090,25 +1090,38 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
     assert chosen < all_of_them
 
 
-def test_gpu_check_bench_runs_the_benchmark_eager_fused_then_compiled(tmp_path):
-    """tools/gpu_check.sh bench, with `python` a stand-in that records its arguments: three benchmark
-    runs of the main job's model at batch 64 and 512, each into its own folder, torch.compile's last."""
+def gpu_check_calls(tmp_path, step, **env):
+    """The python commands tools/gpu_check.sh runs for `step`, recorded by a stand-in `python`."""
     stand_in = tmp_path / "bin" / "python"
     stand_in.parent.mkdir()
     stand_in.write_text('#!/bin/sh\nprintf "%s|" "$@" >> "$CALLS"; echo >> "$CALLS"\n')
     stand_in.chmod(0o755)
     env = dict(os.environ, PATH=f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
-               CALLS=str(tmp_path / "calls"))
-    out = tmp_path / "out"
-    result = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "bench"], cwd=HERE, env=env,
+               CALLS=str(tmp_path / "calls"), **env)
+    result = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path / "out"), step], cwd=HERE, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    runs = [line.rstrip("|").split("|") for line in (tmp_path / "calls").read_text().splitlines()
-            if line.startswith("fast/benchmark.py|")]
+    return [line.rstrip("|").split("|") for line in (tmp_path / "calls").read_text().splitlines()
+            if not line.startswith("-c|")]                               # not its version line
+
+
+def test_gpu_check_bench_runs_the_benchmark_eager_fused_then_compiled(tmp_path):
+    """Three benchmark runs of the main job's model at batch 64 and 512, each into its own folder,
+    torch.compile's last."""
+    out = tmp_path / "out"
     model = ["fast/benchmark.py", "--hdim", "256", "--depth", "8", "--ksize", "9", "--batch-sizes", "64", "512"]
-    assert runs == [model + ["--out", f"{out}/bench"],
-                    model + ["--fused-norm", "--paths", "fast", "fast_graph", "--out", f"{out}/bench_fused_norm"],
-                    model + ["--compile", "--out", f"{out}/bench_compile"]]
+    assert gpu_check_calls(tmp_path, "bench") == [
+        model + ["--out", f"{out}/bench"],
+        model + ["--fused-norm", "--paths", "fast", "fast_graph", "--out", f"{out}/bench_fused_norm"],
+        model + ["--compile", "--out", f"{out}/bench_compile"]]
+
+
+def test_gpu_check_short_run_takes_its_flags_and_folder(tmp_path):
+    calls = gpu_check_calls(tmp_path, "short", SHORT_FLAGS="--fused-norm --step-mode host",
+                            SHORT_NAME="short_fused_norm")
+    assert calls == [["train_cifar.py", "--hdim", "256", "--depth", "8", "--ksize", "5", "--psize", "2",
+                      "--epochs", "25", "--batch-size", "512", "--fast", "--fused-norm", "--step-mode", "host",
+                      "--data", "data", "--out", f"{tmp_path}/out/short_fused_norm"]]
 
 
 MAIN_RUN = HERE / "results" / "cifar10_convmixer_256_8_k9_p1"
@@ -1216,8 +1229,9 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
     assert (out / "log.jsonl").read_bytes() == log_before
 
     import train_cifar, trainer.files as files
-    for flags, taken in [([], {"step_mode": "host", "compile": False}),
-                         (["--compile", "--step-mode", "device"], {"step_mode": "device", "compile": True})]:
+    for flags, taken in [([], {"step_mode": "host", "compile": False, "fused_norm": False}),
+                         (["--compile", "--step-mode", "device"], {"step_mode": "device", "compile": True}),
+                         (["--fused-norm"], {"fused_norm": True})]:
         args = train_cifar.parse_args(["--resume", "--out", str(out), "--device", "cpu", *flags])
         recipe = files.read_resume_state(out, train_cifar.RECIPE_KEYS, args)["recipe"]
         assert recipe == {**stopped["recipe"], **taken}
@@ -1818,6 +1832,31 @@ def test_compile_trains_as_the_eager_model_does(tmp_path):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 100 / 80 for k in a if "acc" in k), (a, b)
 
 
+def test_fused_norm_trains_as_gelu_then_batchnorm_does(tmp_path, gelu_batchnorm, monkeypatch, capsys):
+    """--fused-norm (opt-in; on a CPU in Triton's interpreter, as here): the losses and accuracies of
+    the run with nn.GELU -> nn.BatchNorm2d, up to float rounding; the first line and the log say it.
+    Without CUDA or the interpreter it is refused at the start."""
+    flags = ["--hdim", "4", "--depth", "1", "--ksize", "3", "--psize", "8", "--epochs", "2", "--batch-size",
+             "25", "--fake-data", "100", "--device", DEVICE, "--workers", "0", "--fast"]
+    import train_cifar
+    model, _ = train_cifar.prepare_model(train_cifar.parse_args([*flags, "--fused-norm"]), torch.device(DEVICE))
+    assert sum(isinstance(m, gelu_batchnorm.FusedGeluBatchNorm2d) for m in model.modules()) == 1 + 2 * 1
+    run_script(*flags, "--out", tmp_path / "pair")
+    first_line = run_script(*flags, "--fused-norm", "--out", tmp_path / "fused").stdout.splitlines()[0]
+    assert ", fused GELU -> BatchNorm" in first_line and "; writing to " in first_line
+    assert [read_log(tmp_path / name)[0]["config"]["fused_norm"] for name in ("pair", "fused")] == [False, True]
+    pair, fused = (without_timings(read_log(tmp_path / name)) for name in ("pair", "fused"))
+    losses = [[r.pop("train_loss", None) for r in log] for log in (pair, fused)]
+    assert len(pair) == 3 and losses[0][0] is not None and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for a, b in zip(fused, pair):           # a near-tie may flip a prediction: 1 of the 20 test images
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 100 / 20 for k in a if "acc" in k), (a, b)
+        assert {k: v for k, v in a.items() if "acc" not in k} == {k: v for k, v in b.items() if "acc" not in k}
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        lines = error_lines_of_main(["--fused-norm", "--device", "cpu"], capsys)
+        assert "error: --fused-norm runs Triton kernels, which need a CUDA device, not cpu" in lines[-1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")
 def test_train_cifar_cuda_only_step_modes_train_alike(tmp_path):
     """A short --fast run with the step checked on the host, on the device, and replayed as a CUDA
@@ -1874,7 +1913,7 @@ def test_without_triton_the_fast_path_says_it_keeps_pytorchs_depthwise_convs(cap
     installed = importlib.util.find_spec("triton")
     assert triton_version() == (importlib.import_module("triton").__version__ if installed else None)
     recipe = Namespace(hdim=256, depth=8, ksize=9, psize=1, n_train=50_000, epochs=200, fast=True,
-                       step_mode="host", compile=False)
+                       step_mode="host", compile=False, fused_norm=False)
     for versions, says in [({"triton": None}, " (fast path; no Triton here, so PyTorch's depthwise convs)"),
                            ({"triton": "3.6.0"}, " (fast path)"), ({}, " (fast path)")]:      # {}: a CPU
         announce(recipe, 706_058, 781, {"device": "GPU", "code": None, "versions": versions}, "runs/x")
@@ -1886,10 +1925,14 @@ def test_prepare_model_cuda_only_swaps_in_the_triton_kernels_where_triton_is(mon
     import train_cifar
     from argparse import Namespace
     from fast.depthwise import FastDepthwiseConv2d
+    from fast.gelu_batchnorm import FusedGeluBatchNorm2d
     from trainer.files import where_it_ran
-    recipe = Namespace(hdim=16, depth=1, ksize=9, psize=1, fast=True, compile=False)
+    recipe = Namespace(hdim=16, depth=1, ksize=9, psize=1, fast=True, compile=False, fused_norm=False)
     model, _ = train_cifar.prepare_model(recipe, torch.device("cuda"))
     assert FastDepthwiseConv2d in {type(m) for m in model.modules()}
+    assert FusedGeluBatchNorm2d not in {type(m) for m in model.modules()}            # opt-in
+    fused, _ = train_cifar.prepare_model(Namespace(**{**vars(recipe), "fused_norm": True}), torch.device("cuda"))
+    assert {FastDepthwiseConv2d, FusedGeluBatchNorm2d} <= {type(m) for m in fused.modules()}
     assert where_it_ran(torch.device("cuda"))["versions"]["triton"] == importlib.import_module("triton").__version__
     monkeypatch.setattr(train_cifar, "triton_version", lambda: None)       # as where it is missing
     model, _ = train_cifar.prepare_model(recipe, torch.device("cuda"))

@@ -6,16 +6,15 @@
     python train_cifar.py --eval runs/<run>/model.pt            # test accuracy of a saved model
 
 The defaults are the authors' CIFAR-10 settings for timm (README, "The training recipe"); the paper
-reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence here so far
-(README, Results; results/): ConvMixer-256/8 k5 p2, 25 epochs at batch 512: 87.43% in 3m17s on an
-NVIDIA H200 (torch 2.11), 87.22% in 1m05s with --fast; the 200-epoch run, under way in results/, was
-at 91.44% after epoch 110, training 6,450 img/s there with --fast's default step (a CUDA graph).
+reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence here (README,
+Results): ConvMixer-256/8 k5 p2, 25 epochs at batch 512: 87.43% in 3m17s on an NVIDIA H200 (torch
+2.11), 87.22% in 1m05s with --fast; the 200-epoch run, under way in results/, was at 91.44% after
+epoch 110, training 6,450 img/s there with --fast's default step (a CUDA graph).
 The file reads in the order of a run: settings, data and augmentation, model, optimizer, training
 loop, evaluation. Randomness is tied to (seed, epoch, image), so a run is the same with any
 --workers and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly. Writes to --out:
 log.jsonl (recipe, a line per epoch, result), model.pt (weights and config), last.pt (for --resume).
-In trainer/: RandAugment's op table, the run's files, and the housekeeping (flag checks, progress,
-Ctrl-C). The optional speed code (--fast, --step-mode, the benchmark) is in fast/.
+Parts: trainer/ (RandAugment's table, the run's files, housekeeping); fast/ (optional speed code).
 """
 import argparse
 import math
@@ -45,7 +44,8 @@ CHECK_EVERY = 50        # --step-mode device or graph: steps between reads of th
 # What a run's result depends on; saved in last.pt and log.jsonl, reused by --resume.
 RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
                "label_smoothing", "amp", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup", "cutmix",
-               "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile", "step_mode"]
+               "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile", "step_mode",
+               "fused_norm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     add("--save-every", type=float, metavar="MINUTES", default=2, help="also write last.pt this often "
         "during an epoch, so that a hard kill loses at most this much (0: after every step)")
     add("--resume", action="store_true", help="continue the run in --out from its last.pt, with its recipe "
-        "(of the recipe's flags only --step-mode and --compile may change)")
+        "(of the recipe's flags only --step-mode, --compile and --fused-norm may change)")
     add("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
     add = p.add_argument_group("speed (optional; the code is in fast/)").add_argument
     add("--fast", action=argparse.BooleanOptionalAction, help="augment whole batches on the device and, "
@@ -103,6 +103,7 @@ def parse_args(argv=None):
     add("--step-mode", choices=["host", "device", "graph"], help="host: the loss checked every step; "
         "device: checked on the device, no host sync; graph: device, as a CUDA graph (default: graph "
         "with --fast on CUDA, unless --compile; else host)")
+    add("--fused-norm", action="store_true", help="GELU -> BatchNorm fused in Triton kernels (CUDA; opt-in)")
     args = parse_noting_given(p, argv)
     try:
         check_args(args, N_TRAIN_IMAGES)   # and the defaults that depend on others (--fast, --step-mode)
@@ -115,8 +116,7 @@ def parse_args(argv=None):
 # Data: the whole of CIFAR-10 is 180 MB of uint8, so it is held in memory as tensors.
 
 def load_cifar10(root, train):
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed. For smoke
-    tests without it, --fake-data takes torchvision's FakeData in that format (load_fake)."""
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)), downloading to `root` if needed."""
     ds = open_cifar10(root, train)    # torchvision's CIFAR10, with one-line errors (no network, ...)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return images, torch.tensor(ds.targets)
@@ -128,8 +128,7 @@ RANDAUGMENT_OPS = randaugment_ops(fill=CIFAR10_MEAN_PIXEL)
 
 
 def randaugment(recipe):
-    """The RandAugment stage: a callable from a uint8 (3, H, W) image to one, drawing from torch's
-    default generator."""
+    """The RandAugment stage, uint8 (3, H, W) -> uint8 (3, H, W), drawing from torch's default generator."""
     return RandAugment(RANDAUGMENT_OPS, recipe.ra_n, recipe.ra_m, recipe.ra_mstd, recipe.ra_p)
 
 
@@ -228,15 +227,17 @@ def build_model(config):
 
 
 def prepare_model(recipe, device):
-    """The ConvMixer to train (its state_dict is what gets saved) and the module to call.
-
-    With --fast on CUDA its depthwise convs run on Triton kernels where Triton is installed (same
-    Parameters, swapped in place); with --compile the training step calls it through torch.compile.
-    Evaluation calls the model itself, so eval mode and its batch size add no torch.compile graphs."""
+    """The ConvMixer to train (its state_dict is saved) and the module to call. Triton kernels are
+    swapped in place (same Parameters): --fast on CUDA, where Triton is, the depthwise convs';
+    --fused-norm GELU -> BatchNorm's. With --compile the training step calls it through torch.compile;
+    evaluation calls the model itself (no graphs for eval mode's batches)."""
     model = build_model(model_config(recipe)).to(device)
     if recipe.fast and device.type == "cuda" and triton_version():
         from fast.depthwise import use_fast_depthwise
         use_fast_depthwise(model)
+    if recipe.fused_norm:      # on CUDA, or in Triton's interpreter (check_args); not yet in --fast
+        from fast.gelu_batchnorm import use_fused_gelu_batch_norm
+        use_fused_gelu_batch_norm(model)
     return model, (torch.compile(model) if recipe.compile else model)
 
 
@@ -384,8 +385,7 @@ class Run:
                 raise non_finite_loss(bad, self.steps_per_epoch, self.out)
 
     def accuracies(self, flip_tta=False):
-        """Test accuracy (and --val accuracy, when held out) of the model as it is now; with flip_tta,
-        also the test accuracy with each image's mirror (flip-TTA)."""
+        """Test (and --val) accuracy of the model as it is now; with flip_tta, the flip-TTA one too."""
         tested = evaluate(self.model, *self.test, self.device, self.amp, flip_tta)
         result = dict(zip(["test_acc", "test_acc_flip_tta"], tested))
         if self.val:

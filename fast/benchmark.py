@@ -9,7 +9,7 @@ checked on the host every step), "fast" (--fast --step-mode host: batch augmenta
 the Triton depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync
 per step), "fast_graph" (--fast --step-mode graph, --fast's default on CUDA: the step replayed as
 one CUDA graph; CUDA only); --compile adds torch.compile of the model to each, --fused-norm the
-fused GELU -> BatchNorm of fast/gelu_batchnorm.py (not yet part of --fast) to each fast path. For
+trainer's --fused-norm (fast/gelu_batchnorm.py, not yet part of --fast) to each fast path. For
 each batch size and path: images per second for the whole step (data, MixUp/CutMix, forward,
 backward, clipping, AdamW) and for the model alone; the fast paths' augmentation alone; a
 torch.profiler table of the kernels (on a CPU, the operators) that take the most time, and the
@@ -114,7 +114,8 @@ def recipe_for(args, batch_size, path):
     """train_cifar's recipe for this config, batch size and path, as its flags would give it."""
     argv = ["--hdim", args.hdim, "--depth", args.depth, "--ksize", args.ksize, "--psize", args.psize,
             "--batch-size", batch_size, "--device", args.device, "--workers", args.workers,
-            "--seed", args.seed, *PATHS[path], *(["--compile"] if args.compile else [])]
+            "--seed", args.seed, *PATHS[path], *(["--compile"] if args.compile else []),
+            *(["--fused-norm"] if args.fused_norm and path != "plain" else [])]
     return train_cifar.parse_args([str(a) for a in argv])
 
 
@@ -131,9 +132,6 @@ def measure_path(args, path, recipe, device, images, labels, plan):
     """Whole-step and model-only images per second, and a profile, of one path at one batch size."""
     b, warmup = recipe.batch_size, WARMUP_STEPS
     model, net = train_cifar.prepare_model(recipe, device)
-    if args.fused_norm and recipe.fast:     # in place, before a compiled net's first call traces it
-        from fast.gelu_batchnorm import use_fused_gelu_batch_norm
-        use_fused_gelu_batch_norm(model)
     optimizer = train_cifar.make_optimizer(model, recipe, fused=recipe.step_mode != "host" or None)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     mix = train_cifar.batch_mixing(recipe)
@@ -236,7 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on every path")
     p.add_argument("--fused-norm", action="store_true",
-                   help="fast paths: GELU -> BatchNorm fused (fast/gelu_batchnorm.py; Triton: CUDA)")
+                   help="the fast paths with the trainer's --fused-norm (GELU -> BatchNorm fused; CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the plain path's")
     p.add_argument("--seed", type=int, default=0)

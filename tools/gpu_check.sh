@@ -19,17 +19,18 @@
 #          --fused-norm (fast paths only), and with --compile: each path's whole step, model only,
 #          augmentation only, a profiled step, the 200-epoch recipe's estimated time, one depthwise
 #          layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt)
-#   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast (OUT_DIR/short)
+#   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast $SHORT_FLAGS
+#          (OUT_DIR/${SHORT_NAME:-short}), e.g. SHORT_FLAGS=--fused-norm SHORT_NAME=short_fused_norm
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
 #          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in its console.txt). A run
 #          already there, or else committed under results/ with that name, is continued (--resume).
 #          Then it prints the run's pieces (tools/run_pieces.py). With MAIN_SECONDS set, it is
 #          stopped (SIGTERM) after that many seconds and saves last.pt: continue it with the same
 #          command, from OUT_DIR or from the folder committed under results/. MAIN_FLAGS go to a
-#          continued run too, where of the recipe's flags only --step-mode and --compile may differ
-#          from the run's own (a new run takes --fast's graph step; a continued one keeps its own
-#          step mode unless MAIN_FLAGS names one, e.g. "--step-mode graph"). A recipe trial:
-#          MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
+#          continued run too, where of the recipe's flags only --step-mode, --compile and
+#          --fused-norm may differ from the run's own (a new run takes --fast's graph step; a
+#          continued one keeps its own step mode unless MAIN_FLAGS names one, e.g. "--step-mode
+#          graph"). A recipe trial: MAIN_FLAGS="--val 5000 ..." RUN_NAME=val_<what>.
 #
 # "tests" and "bench" use synthetic images; "short" and "main" need CIFAR-10 in ./data (downloaded
 # there on first use). No GPU is needed to check that the kernels compile for an H100 (or, with
@@ -59,9 +60,11 @@ for step in "$@"; do
                 ${run#*:} --out "$out_dir/${run%%:*}" >> "$out_dir/bench.txt" 2>&1 || status=1
         done ;;
     short)
+        short=${SHORT_NAME:-short}
+        # shellcheck disable=SC2086  # SHORT_FLAGS is a list of flags
         python train_cifar.py --hdim 256 --depth 8 --ksize 5 --psize 2 --epochs 25 --batch-size 512 \
-            --fast --data data --out "$out_dir/short" > "$out_dir/short_console.txt" 2>&1 \
-            && rm -f "$out_dir/short/last.pt" || status=1 ;;
+            --fast ${SHORT_FLAGS:-} --data data --out "$out_dir/$short" > "$out_dir/${short}_console.txt" 2>&1 \
+            && rm -f "$out_dir/$short/last.pt" || status=1 ;;
     main)
         name=${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}
         run="$out_dir/$name"

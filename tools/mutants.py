@@ -204,7 +204,10 @@ MUTANTS = [
            "CUDA the fast path", "fast/benchmark.py", '"plain": ["--no-fast", "--step-mode", "host"]',
            '"plain": []', "default_step_is_the_fast"),
     Mutant("benchmark_fused_norm_ignored", "the benchmark's --fused-norm measures the unfused paths",
-           "fast/benchmark.py", "if args.fused_norm and recipe.fast:", "if False:", "benchmark_fused_norm"),
+           "fast/benchmark.py", '(["--fused-norm"] if args.fused_norm and path != "plain" else [])', "[]",
+           "benchmark_fused_norm"),
+    Mutant("fused_norm_ignored", "the trainer's --fused-norm trains the unfused model", "train_cifar.py",
+           "    if recipe.fused_norm:      #", "    if False:      #", "fused_norm_trains"),
 ]
 
 

@@ -31,12 +31,12 @@ from trainer.housekeeping import Fail, device_name
 
 LOG = "log.jsonl"
 # Recipe keys added after runs had been saved without them, and the value those runs ran with.
-ADDED_LATER = {"step_mode": "host"}
+ADDED_LATER = {"step_mode": "host", "fused_norm": False}
 # Recipe keys that say how a step is run, not what it computes: the step mode (on CUDA every mode
-# runs the same fused AdamW on the same numbers; fast/step.py) and torch.compile (the same model; its
-# float rounding may differ, as on another GPU). --resume may change them, so that a long run can take
-# a faster way once it is tested.
-CHANGEABLE_ON_RESUME = {"step_mode", "compile"}
+# runs the same fused AdamW on the same numbers; fast/step.py), torch.compile and the fused GELU ->
+# BatchNorm (the same model; their float rounding may differ, as on another GPU). --resume may change
+# them, so that a long run can take a faster way once it is tested.
+CHANGEABLE_ON_RESUME = {"step_mode", "compile", "fused_norm"}
 
 
 class WriteFailed(Fail):

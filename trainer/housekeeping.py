@@ -104,6 +104,9 @@ def check_args(args, n_train_images):
         # The fast path's default on CUDA: its graph step, tested there and 2.7x the host step at batch
         # 64 (results/cifar10_convmixer_256_8_k9_p1); a graph of a torch.compile'd model is untested.
         args.step_mode = "graph" if args.fast and cuda and not getattr(args, "compile", False) else "host"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"        # Triton's CPU interpreter (the tests)
+    if getattr(args, "fused_norm", False) and not (cuda or interpreted):
+        raise ValueError(f"--fused-norm runs Triton kernels, which need a CUDA device, not {args.device}")
     if getattr(args, "step_mode", "host") == "graph" and not cuda and (
             not args.resume or "step_mode" in getattr(args, "given", ())):
         raise ValueError(f"--step-mode graph needs a CUDA device (it replays a CUDA graph), "
@@ -161,6 +164,7 @@ def announce(recipe, n_params, steps_per_epoch, where, out):
           f"{recipe.n_train:,} training images, {steps_per_epoch} steps/epoch, {recipe.epochs} "
           f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{fast}"
           f"{'' if recipe.step_mode == 'host' else f', step mode {recipe.step_mode}'}"
+          f"{', fused GELU -> BatchNorm' if recipe.fused_norm else ''}"
           f"{', torch.compile' if recipe.compile else ''}; "
           f"writing to {out}; code: {describe_code(where['code'])}", flush=True)
 
