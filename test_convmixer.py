@@ -1835,7 +1835,8 @@ def test_compile_trains_as_the_eager_model_does(tmp_path):
 def test_fused_norm_trains_as_gelu_then_batchnorm_does(tmp_path, gelu_batchnorm, monkeypatch, capsys):
     """--fused-norm (opt-in; on a CPU in Triton's interpreter, as here): the losses and accuracies of
     the run with nn.GELU -> nn.BatchNorm2d, up to float rounding; the first line and the log say it.
-    Without CUDA or the interpreter it is refused at the start."""
+    Without CUDA or the interpreter it is refused at the start, and a run that has it continues there
+    only with --no-fused-norm."""
     flags = ["--hdim", "4", "--depth", "1", "--ksize", "3", "--psize", "8", "--epochs", "2", "--batch-size",
              "25", "--fake-data", "100", "--device", DEVICE, "--workers", "0", "--fast"]
     import train_cifar
@@ -1851,10 +1852,18 @@ def test_fused_norm_trains_as_gelu_then_batchnorm_does(tmp_path, gelu_batchnorm,
     for a, b in zip(fused, pair):           # a near-tie may flip a prediction: 1 of the 20 test images
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 100 / 20 for k in a if "acc" in k), (a, b)
         assert {k: v for k, v in a.items() if "acc" not in k} == {k: v for k, v in b.items() if "acc" not in k}
-    if DEVICE == "cpu":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        lines = error_lines_of_main(["--fused-norm", "--device", "cpu"], capsys)
-        assert "error: --fused-norm runs Triton kernels, which need a CUDA device, not cpu" in lines[-1]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)          # a CPU without the interpreter:
+    lines = error_lines_of_main(["--fused-norm", "--device", "cpu"], capsys)
+    assert "error: --fused-norm runs Triton kernels, which need a CUDA device, not cpu" in lines[-1]
+    from trainer import files                   # a fused run continued there (as if it were stopped)
+    stored = torch.load(tmp_path / "fused" / "last.pt", weights_only=True)["recipe"]
+    monkeypatch.setattr(files, "stored_resume_state", lambda out, keys: {"recipe": dict(stored)})
+    resume = ["--resume", "--out", str(tmp_path / "fused"), "--device", "cpu"]
+    with pytest.raises(train_cifar.Fail, match="continue it here with --resume --no-fused-norm"):
+        files.read_resume_state(tmp_path / "fused", train_cifar.RECIPE_KEYS, train_cifar.parse_args(resume))
+    args = train_cifar.parse_args([*resume, "--no-fused-norm"])
+    recipe = files.read_resume_state(tmp_path / "fused", train_cifar.RECIPE_KEYS, args)["recipe"]
+    assert recipe["fused_norm"] is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA step modes")

@@ -103,7 +103,7 @@ def parse_args(argv=None):
     add("--step-mode", choices=["host", "device", "graph"], help="host: the loss checked every step; "
         "device: checked on the device, no host sync; graph: device, as a CUDA graph (default: graph "
         "with --fast on CUDA, unless --compile; else host)")
-    add("--fused-norm", action="store_true", help="GELU -> BatchNorm fused in Triton kernels (CUDA; opt-in)")
+    add("--fused-norm", action=argparse.BooleanOptionalAction, default=False, help="GELU -> BatchNorm fused")
     args = parse_noting_given(p, argv)
     try:
         check_args(args, N_TRAIN_IMAGES)   # and the defaults that depend on others (--fast, --step-mode)

@@ -208,6 +208,8 @@ MUTANTS = [
            "benchmark_fused_norm"),
     Mutant("fused_norm_ignored", "the trainer's --fused-norm trains the unfused model", "train_cifar.py",
            "    if recipe.fused_norm:      #", "    if False:      #", "fused_norm_trains"),
+    Mutant("fused_norm_resumed_anywhere", "a run with --fused-norm continues on a CPU, where its kernels fail",
+           "trainer/files.py", 'if recipe.get("fused_norm") and args is not None', "if False", "fused_norm_trains"),
 ]
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from trainer.housekeeping import Fail, device_name
+from trainer.housekeeping import Fail, device_name, triton_runs_on
 
 LOG = "log.jsonl"
 # Recipe keys added after runs had been saved without them, and the value those runs ran with.
@@ -265,6 +265,9 @@ def read_resume_state(out: Path, recipe_keys, args=None):
                        f"run in another --out")
         print(f"resuming with {flag} {value} (it was {recipe[key]})")
         recipe[key] = value
+    if recipe.get("fused_norm") and args is not None and not triton_runs_on(args.device):
+        raise Fail(f"this run's recipe has --fused-norm, whose Triton kernels need a CUDA device, not "
+                   f"{args.device}; continue it here with --resume --no-fused-norm")
     return state
 
 

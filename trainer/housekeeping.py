@@ -104,13 +104,18 @@ def check_args(args, n_train_images):
         # The fast path's default on CUDA: its graph step, tested there and 2.7x the host step at batch
         # 64 (results/cifar10_convmixer_256_8_k9_p1); a graph of a torch.compile'd model is untested.
         args.step_mode = "graph" if args.fast and cuda and not getattr(args, "compile", False) else "host"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"        # Triton's CPU interpreter (the tests)
-    if getattr(args, "fused_norm", False) and not (cuda or interpreted):
+    if getattr(args, "fused_norm", False) and not triton_runs_on(device):
         raise ValueError(f"--fused-norm runs Triton kernels, which need a CUDA device, not {args.device}")
     if getattr(args, "step_mode", "host") == "graph" and not cuda and (
             not args.resume or "step_mode" in getattr(args, "given", ())):
         raise ValueError(f"--step-mode graph needs a CUDA device (it replays a CUDA graph), "
                          f"not {args.device}")
+
+
+def triton_runs_on(device):
+    """Whether fast/'s Triton kernels run on `device`: CUDA, or a CPU in Triton's interpreter
+    (TRITON_INTERPRET=1, as the tests run them)."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def open_cifar10(root, train):
