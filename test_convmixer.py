@@ -2579,6 +2579,16 @@ def output_and_gradients(module, z, dy):
     return [y, *torch.autograd.grad(y, (z, norm.weight, norm.bias), dy)]
 
 
+def assert_outputs_and_gradients_close(expected, got, rtol, atol, where=""):
+    """Output and the input, weight and bias gradients against the pair's, each in the pair's dtype
+    and shape; atol is relative to the largest value, where it exceeds 1."""
+    for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(g.float(), e.float(), rtol=rtol, atol=atol * scale,
+                                   msg=lambda m: f"{where}{name}: {m}")
+
+
 def buffers_of(module):
     norm = module[1] if isinstance(module, nn.Sequential) else module
     return [norm.running_mean, norm.running_var, norm.num_batches_tracked]
@@ -2591,15 +2601,11 @@ def test_fused_gelu_batchnorm_matches_gelu_then_batchnorm_float32(gelu_batchnorm
     and the running statistics. 40 x 40 planes are larger than one program's block (1,024 values);
     (1, 2, 1, 2) has two values per channel, the fewest BatchNorm trains on."""
     pair, fused = gelu_then_batchnorm(gelu_batchnorm, C)
-    names = ["output", "grad_input", "grad_weight", "grad_bias"]
     for step in range(2):
         z = (torch.randn(B, C, H, W, device=DEVICE) * 2 + 0.5).requires_grad_()
         dy = torch.randn(B, C, H, W, device=DEVICE)
         expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
-        for name, e, g in zip(names, expected, got):
-            assert g.dtype == e.dtype and g.shape == e.shape, name
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()),
-                                       msg=lambda m: f"step {step}, {name}: {m}")
+        assert_outputs_and_gradients_close(expected, got, rtol=1e-5, atol=1e-5, where=f"step {step}, ")
         for e, g in zip(buffers_of(pair), buffers_of(fused)):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert fused.num_batches_tracked.item() == 2
@@ -2614,11 +2620,8 @@ def test_fused_gelu_batchnorm_in_half_precision_normalizes_what_gelu_would_outpu
     pair, fused = gelu_then_batchnorm(gelu_batchnorm, 3)
     z = (torch.randn(4, 3, 8, 8, device=DEVICE) * 2).half().requires_grad_()
     dy = torch.randn(4, 3, 8, 8, device=DEVICE).half()
-    expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
-    for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
-        assert g.dtype == e.dtype, name
-        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=2e-3 * max(1.0, e.abs().max().item()),
-                                   msg=lambda m: f"{name}: {m}")
+    assert_outputs_and_gradients_close(output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy),
+                                       rtol=1e-2, atol=2e-3)
     for e, g in zip(buffers_of(pair), buffers_of(fused)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     # The batch's statistics are those of GELU's float16 output, not of the float32 values before
@@ -2702,10 +2705,7 @@ def test_fused_gelu_batchnorm_cuda_only_matches_the_pair_in_bfloat16_autocast(ge
     dy = torch.randn(B, 256, 32, 32, device="cuda").bfloat16()
     with torch.autocast("cuda", torch.bfloat16):
         expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
-    for name, e, g in zip(["output", "grad_input", "grad_weight", "grad_bias"], expected, got):
-        assert g.dtype == e.dtype, name
-        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2 * max(1.0, e.abs().max().item()),
-                                   msg=lambda m: f"{name}: {m}")
+    assert_outputs_and_gradients_close(expected, got, rtol=2e-2, atol=2e-2)
     for e, g in zip(buffers_of(pair), buffers_of(fused)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
