@@ -2512,7 +2512,8 @@ def test_fast_depthwise_kernels_compile_for_an_h100_without_spilling():
                                                "depthwise_weight_grad_toeplitz_kernel"]
     assert all(row[1] == "bf16" and int(row[3]) == 0 and int(row[6]) > 0 for row in design_card)
     norm = [line.split() for line in proc.stdout.splitlines() if "GELU -> BatchNorm" in line]
-    assert [row[0] for row in norm] == ["plane_stats_kernel", "normalize_kernel", "grad_sums_kernel",
+    assert [row[0] for row in norm] == ["plane_stats_kernel", "channel_stats_kernel", "normalize_kernel",
+                                        "running_stats_kernel", "grad_sums_kernel", "grad_coefficients_kernel",
                                         "grad_input_kernel"]                # fast/gelu_batchnorm.py's
     assert all(row[1] == "bf16" and int(row[3]) == 0 for row in norm)
 
@@ -2632,6 +2633,63 @@ def test_fused_gelu_batchnorm_in_half_precision_normalizes_what_gelu_would_outpu
     torch.testing.assert_close(var, g.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
 
 
+def test_fused_gelu_batchnorm_reduces_a_batch_in_several_blocks(gelu_batchnorm, monkeypatch):
+    """The per-channel kernels sum the per-plane statistics over the batch a block of images at a
+    time (512 on a GPU): with blocks of 4, a batch of 10 takes two whole blocks and a partial one."""
+    monkeypatch.setattr(gelu_batchnorm, "CHANNEL_BLOCK_IMAGES", 4)
+    pair, fused = gelu_then_batchnorm(gelu_batchnorm, 3)
+    z = (torch.randn(10, 3, 4, 5, device=DEVICE) * 2 + 0.5).requires_grad_()
+    dy = torch.randn(10, 3, 4, 5, device=DEVICE)
+    assert_outputs_and_gradients_close(output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy),
+                                       rtol=1e-5, atol=1e-5)
+    for e, g in zip(buffers_of(pair), buffers_of(fused)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("z_dtype", [torch.float32, torch.float16])
+def test_fused_gelu_batchnorm_adds_the_skip_connection(gelu_batchnorm, z_dtype):
+    """With a residual x: x + BatchNorm2d(GELU(z)), in the dtype that addition would have (a float16
+    z with a float32 x gives float32), and x's gradient, the output's, in x's dtype; eval mode too.
+    A residual of another shape is refused."""
+    pair, fused = gelu_then_batchnorm(gelu_batchnorm, 3)
+    z = (torch.randn(4, 3, 6, 5, device=DEVICE) * 2).to(z_dtype).requires_grad_()
+    x = torch.randn(4, 3, 6, 5, device=DEVICE, requires_grad=True)
+    dy = torch.randn(4, 3, 6, 5, device=DEVICE)
+    y_pair, y_fused = pair(z) + x, fused(z, residual=x)
+    expected = [y_pair, *torch.autograd.grad(y_pair, (z, x, pair[1].weight, pair[1].bias), dy)]
+    got = [y_fused, *torch.autograd.grad(y_fused, (z, x, fused.weight, fused.bias), dy)]
+    tolerance = 1e-5 if z_dtype == torch.float32 else 2e-3
+    for name, e, g in zip(["output", "grad z", "grad x", "grad weight", "grad bias"], expected, got):
+        assert g.dtype == e.dtype, name
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance, msg=lambda m: f"{name}: {m}")
+    for e, g in zip(buffers_of(pair), buffers_of(fused)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.eval()(z, residual=x), pair.eval()(z) + x)
+    with pytest.raises(ValueError, match=r"residual of shape \(4, 3, 6, 4\) for an input of shape \(4, 3, 6, 5\)"):
+        fused.train()(z, residual=x[..., :4])
+
+
+def test_fused_gelu_batchnorm_does_its_per_channel_arithmetic_in_its_kernels(gelu_batchnorm):
+    """The batch statistics, running-statistics updates and gradient coefficients are small kernels
+    of the module's own (done with PyTorch ops, they took 29 launches a layer): the fused forward
+    and backward run no PyTorch arithmetic at all. The pair and addition do."""
+    from torch.profiler import profile
+    arithmetic = {"aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_", "aten::div", "aten::neg",
+                  "aten::sum", "aten::mean", "aten::square", "aten::pow", "aten::rsqrt", "aten::lerp_",
+                  "aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::gelu"}
+    pair, fused = gelu_then_batchnorm(gelu_batchnorm, 3)
+    z = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
+    x, dy = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randn(4, 3, 5, 5, device=DEVICE)
+    ran = {}
+    for name, step in [("pair", lambda: pair(z) + x), ("fused", lambda: fused(z, residual=x))]:
+        with profile() as prof:
+            y = step()
+            torch.autograd.grad(y, (z, *pair[1].parameters(), *fused.parameters()), dy, allow_unused=True)
+        ran[name] = {event.name for event in prof.events()} & arithmetic
+    assert ran["fused"] == set()
+    assert {"aten::add", "aten::native_batch_norm", "aten::gelu"} <= ran["pair"]
+
+
 def assert_the_same_training_step(reference, model, x, loss_tolerance, grad_tolerance):
     """One forward and backward pass of each, in training mode: the same loss, gradients and (then)
     state_dict values, BatchNorm's running statistics among them."""
@@ -2647,9 +2705,10 @@ def assert_the_same_training_step(reference, model, x, loss_tolerance, grad_tole
 
 
 def test_fused_gelu_batchnorm_in_a_convmixer_keeps_state_dict_and_results(gelu_batchnorm):
-    """Swapped into a ConvMixer (patch embedding and both halves of each block): the same state_dict
-    keys, the same Parameter and buffer objects (an optimizer made before the swap still trains it),
-    the same loss, gradients and running statistics after a training step, and in eval mode."""
+    """Swapped into a ConvMixer (patch embedding and both halves of each block, the skip connections'
+    additions too): the same state_dict keys, the same Parameter and buffer objects (an optimizer made
+    before the swap still trains it), the same loss, gradients and running statistics after a
+    training step, and in eval mode."""
     torch.manual_seed(0)
     plain = randomize_(ConvMixer(8, 2, 5, 2, 10)).to(DEVICE).train()
     fused = copy.deepcopy(plain)
@@ -2657,6 +2716,7 @@ def test_fused_gelu_batchnorm_in_a_convmixer_keeps_state_dict_and_results(gelu_b
     gelu_batchnorm.use_fused_gelu_batch_norm(fused)
     kinds = [type(m).__name__ for m in fused.modules()]
     assert kinds.count("FusedGeluBatchNorm2d") == 1 + 2 * 2 and kinds.count("Identity") == 5
+    assert kinds.count("FusedResidual") == 2 and "Residual" not in kinds      # x + ... in the kernel
     assert "GELU" not in kinds and "BatchNorm2d" not in kinds
     after = fused.state_dict(keep_vars=True)
     assert list(after) == list(before) and all(after[k] is before[k] for k in before)

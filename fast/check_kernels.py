@@ -8,7 +8,7 @@ so this finds what the CPU interpreter that runs the correctness tests cannot: c
 compile for the GPU, registers spilled to local memory, more shared memory than a block of that GPU
 can have, and matrix products that do not become tensor-core instructions. It compiles exactly the
 launches fast/depthwise.py makes (forward_launch, weight_grad_launch) and fast/gelu_batchnorm.py's
-four for the shapes below, with the argument specializations Triton applies at run time
+seven for the shapes below, with the argument specializations Triton applies at run time
 (16-divisible sizes, 16-aligned pointers).
 
 One line per kernel: registers per thread, spilled bytes, shared memory, SASS instructions (the
@@ -19,7 +19,7 @@ bfloat16 "toeplitz" kernel has no MMA instruction. test_convmixer.py runs it for
 Measured with Triton 3.8.0 (results/check_kernels.txt): clean for sm_80, sm_90 and sm_120; sm_86,
 sm_89 and sm_100 spill 8 bytes in one or two launches, none of them the design card's; on sm_75
 (T4), which has no bfloat16 tensor cores, the bfloat16 "toeplitz" kernels become plain
-multiply-adds and spill. fast/gelu_batchnorm.py's four kernels compile cleanly for all seven.
+multiply-adds and spill. fast/gelu_batchnorm.py's seven kernels compile cleanly for all seven targets.
 """
 import argparse
 import os
@@ -43,7 +43,7 @@ from fast import gelu_batchnorm  # noqa: E402
 # Shared memory a block may have, by compute capability (CUDA C++ Programming Guide, technical
 # specifications): T4; A100; RTX 30, A10; RTX 40, L4, L40S; H100, H200; B200; RTX 50.
 MAX_SHARED_KB = {75: 64, 80: 163, 86: 99, 89: 99, 90: 227, 100: 227, 120: 99}
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
 
 # (what, batch, channels, side, kernel size, dtype, algorithm)
 CASES = [
@@ -66,6 +66,8 @@ def signature(kernel, args, constexprs):
         if isinstance(value, torch.Tensor):
             sig[name] = "*" + TRITON_TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]          # torch allocations are aligned
+        elif isinstance(value, float):
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
             if value % 16 == 0:
@@ -96,6 +98,7 @@ def inspect(compiled):
 # (what, batch, channels, side, dtype) for fast/gelu_batchnorm.py, whose launches do not depend on k
 NORM_CASES = [
     ("ConvMixer-256/8 p1, CIFAR-10: GELU -> BatchNorm", 512, 256, 32, torch.bfloat16),
+    ("the same at the paper's batch size, 64", 64, 256, 32, torch.bfloat16),
     ("the same, float32 (--no-amp)", 512, 256, 32, torch.float32),
     ("large planes: 224 x 224 at p1 (loops over a plane)", 16, 64, 224, torch.bfloat16),
 ]
@@ -114,13 +117,20 @@ def launches(batch, channels, side, k, dtype, algorithm):
 
 
 def norm_launches(batch, channels, side, dtype):
-    """The four launches of a fused GELU -> BatchNorm forward + backward."""
+    """The seven launches of a fused GELU -> BatchNorm (+ skip connection) forward + backward."""
     z = torch.empty(batch, channels, side, side, device="meta", dtype=dtype)
     plane = torch.empty(batch, channels, device="meta")           # per-plane sums, float32
     c = torch.empty(channels, device="meta")                      # per-channel values, float32
+    count = torch.empty((), device="meta", dtype=torch.int64)     # num_batches_tracked
+    n = batch * side * side
     return [("statistics", gelu_batchnorm.stats_launch(z, plane, plane)),
-            ("normalize", gelu_batchnorm.normalize_launch(z, c, c, c, z)),
+            ("channel statistics",
+             gelu_batchnorm.channel_stats_launch(plane, plane, c, 1e-5, c, c, c, side * side)),
+            ("normalize + skip", gelu_batchnorm.normalize_launch(z, c, c, c, z, z)),
+            ("running statistics", gelu_batchnorm.running_stats_launch(c, c, count, c, c, 0.1, n / (n - 1))),
             ("gradient sums", gelu_batchnorm.grad_sums_launch(z, z, c, plane, plane)),
+            ("gradient coefficients", gelu_batchnorm.grad_coefficients_launch(plane, plane, c, c, 1e-5, n,
+                                                                             c, c, c, c, c)),
             ("input gradient", gelu_batchnorm.grad_input_launch(z, z, c, c, c, c, z))]
 
 

@@ -38,7 +38,8 @@ TRAINER_TESTS = "learning_rate or one_cycle or clipping or weight_decay or label
 AUGMENT_TESTS = "batch_augment_equals or samples_the_same_distribution or batched_ops"
 STEP_TESTS = "device_step_equals_the_host_step or device_step_resumes_exactly"
 DEPTHWISE_TESTS = "matches_conv2d_float32 or toeplitz_stacks"
-NORM_TESTS = "fused_gelu_batchnorm and (matches_gelu_then or in_half or in_a_convmixer)"
+NORM_TESTS = ("fused_gelu_batchnorm and (matches_gelu_then or in_half or in_a_convmixer or several_blocks"
+              " or adds_the_skip)")
 
 MUTANTS = [
     # The trainer (train_cifar.py)
@@ -174,17 +175,28 @@ MUTANTS = [
            "(cols < W),\n                    other=0.0)\n        t = tl.load", DEPTHWISE_TESTS),
     # GELU -> BatchNorm fused (fast/gelu_batchnorm.py), in Triton's interpreter on a CPU
     Mutant("norm_running_var_biased", "the running variance moves towards the batch's biased variance",
-           "fast/gelu_batchnorm.py", "var * (n / (n - 1))", "var", NORM_TESTS),
+           "fast/gelu_batchnorm.py", "self.momentum, n / (n - 1))", "self.momentum, 1.0)", NORM_TESTS),
     Mutant("norm_planes_only", "a channel's variance leaves out how far each plane's mean is from the channel's",
-           "fast/gelu_batchnorm.py", "m2 = plane_m2.sum(0) + plane_size * (plane_mean - mean).square().sum(0)",
-           "m2 = plane_m2.sum(0)", NORM_TESTS),
+           "fast/gelu_batchnorm.py", "BLOCK_B) + HW * offset * offset", "BLOCK_B)", NORM_TESTS),
+    Mutant("norm_mean_per_block", "the batch's mean divides by the images of a block, not of the batch",
+           "fast/gelu_batchnorm.py", "mean = tl.sum(total, axis=0) / B", "mean = tl.sum(total, axis=0) / BLOCK_B",
+           NORM_TESTS),
     Mutant("norm_gelu_unrounded", "the statistics of GELU's float32 values, not of its 16-bit output",
            "fast/gelu_batchnorm.py", "return z, g.to(z_plane.dtype.element_ty).to(tl.float32)", "return z, g",
            NORM_TESTS),
+    Mutant("norm_batches_uncounted", "num_batches_tracked stays where it was",
+           "fast/gelu_batchnorm.py", "tl.load(count_ptr) + 1)", "tl.load(count_ptr))", NORM_TESTS),
     Mutant("norm_grad_no_mean_term", "the input gradient leaves out the batch mean's part",
-           "fast/gelu_batchnorm.py", "-a * sum_dy / n, rstd", "0 * sum_dy, rstd", NORM_TESTS),
+           "fast/gelu_batchnorm.py", "tl.store(d_ptr + cs, -a * sum_dy / n, mask=ok)",
+           "tl.store(d_ptr + cs, 0 * sum_dy, mask=ok)", NORM_TESTS),
     Mutant("norm_gelu_slope_cdf_only", "GELU's slope taken as Phi(z), without z * phi(z)",
            "fast/gelu_batchnorm.py", " + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI", "", NORM_TESTS),
+    Mutant("norm_skip_not_added", "the normalize kernel leaves the skip connection out",
+           "fast/gelu_batchnorm.py", "y += tl.load(residual_ptr", "y += 0 * tl.load(residual_ptr", NORM_TESTS),
+    Mutant("norm_skip_no_gradient", "the skip connection passes no gradient back",
+           "fast/gelu_batchnorm.py",
+           "grad_residual = None if ctx.residual_dtype is None else dy.to(ctx.residual_dtype)", "grad_residual = None",
+           NORM_TESTS),
     # The per-image RandAugment (train_cifar.py), the reference both paths follow
     Mutant("ra_rotate_scale", "rotation on torchvision's 0-30 scale (9 degrees at m 9)", "trainer/randaugment.py",
            "lambda m: 30 * m / 10,", "lambda m: 10 * m / 10,", "randaugment_ops_are_timms"),
