@@ -2574,9 +2574,13 @@ def gelu_then_batchnorm(gelu_batchnorm, channels, seed=0):
     return nn.Sequential(nn.GELU(), norm).to(DEVICE), fused.to(DEVICE)
 
 
-def output_and_gradients(module, z, dy):
-    y = module(z)
-    norm = module[1] if isinstance(module, nn.Sequential) else module
+def output_and_gradients(module, z, dy, residual=None):
+    """The pair's or the fused module's output (+ residual, if given) and the gradients of z and the
+    BatchNorm's weight and bias."""
+    if isinstance(module, nn.Sequential):
+        norm, y = module[1], module(z) if residual is None else module(z) + residual
+    else:
+        norm, y = module, module(z, residual=residual)
     return [y, *torch.autograd.grad(y, (z, norm.weight, norm.bias), dy)]
 
 
@@ -2756,15 +2760,17 @@ def test_fused_gelu_batchnorm_compiles_into_one_graph(gelu_batchnorm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 kernels are checked on a GPU")
-@pytest.mark.parametrize("B", [64, 512])
-def test_fused_gelu_batchnorm_cuda_only_matches_the_pair_in_bfloat16_autocast(gelu_batchnorm, B):
-    """ConvMixer-256's shapes at batch 64 and 512, with a bfloat16 input, as a convolution gives it
-    under autocast: output, gradients and running statistics against GELU -> BatchNorm2d."""
+@pytest.mark.parametrize("B,skip", [(64, True), (512, False)])
+def test_fused_gelu_batchnorm_cuda_only_matches_the_pair_in_bfloat16_autocast(gelu_batchnorm, B, skip):
+    """ConvMixer-256's shapes at batch 64 (with the skip connection's addition) and 512 (without),
+    with a bfloat16 input, as a convolution gives it under autocast: output, gradients and running
+    statistics against GELU -> BatchNorm2d (+ x)."""
     pair, fused = gelu_then_batchnorm(gelu_batchnorm, 256)
     z = (torch.randn(B, 256, 32, 32, device="cuda") * 2).bfloat16().requires_grad_()
+    x = torch.randn(B, 256, 32, 32, device="cuda").bfloat16() if skip else None
     dy = torch.randn(B, 256, 32, 32, device="cuda").bfloat16()
     with torch.autocast("cuda", torch.bfloat16):
-        expected, got = output_and_gradients(pair, z, dy), output_and_gradients(fused, z, dy)
+        expected, got = output_and_gradients(pair, z, dy, x), output_and_gradients(fused, z, dy, x)
     assert_outputs_and_gradients_close(expected, got, rtol=2e-2, atol=2e-2)
     for e, g in zip(buffers_of(pair), buffers_of(fused)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

@@ -106,8 +106,8 @@ def _channel_stats_kernel(plane_mean_ptr, plane_m2_ptr, weight_ptr, eps, mean_pt
     mean = tl.sum(total, axis=0) / B
     m2 = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     for start in range(0, B, BLOCK_B):                             # again: from cache
-        bs = start + tl.arange(0, BLOCK_B)[:, None]
-        offset = tl.where(bs < B, _load_planes(plane_mean_ptr, start, cs, B, C, BLOCK_B) - mean[None, :], 0.0)
+        plane_mean = _load_planes(plane_mean_ptr, start, cs, B, C, BLOCK_B)
+        offset = tl.where(start + tl.arange(0, BLOCK_B)[:, None] < B, plane_mean - mean[None, :], 0.0)
         m2 += _load_planes(plane_m2_ptr, start, cs, B, C, BLOCK_B) + HW * offset * offset
     var = tl.sum(m2, axis=0) / B / HW                              # biased, as BatchNorm normalizes
     weight = tl.load(weight_ptr + cs, mask=cs < C, other=0.0).to(tl.float32)
