@@ -2292,6 +2292,7 @@ def test_benchmark_measures_every_path_at_both_batch_sizes_in_one_file(tmp_path)
             times = [row["ms_per_step"] for row in profile["top"]]
             assert times == sorted(times, reverse=True) and sum(times) <= profile["busy_ms_per_step"] + 1e-6
             assert any("convolution" in row["name"] for row in profile["top"])
+            assert profile["launches_per_step"] >= len(profile["top"])     # each row launched at least once
             assert f"batch {b}, {path}, profile of 2 steps" in result.stdout
         fast, plain = section["fast"]["img_s"], section["plain"]["img_s"]
         assert section["fast"]["speedup_over_plain"] == pytest.approx(fast / plain)

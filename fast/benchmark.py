@@ -9,11 +9,11 @@ checked on the host every step), "fast" (--fast --step-mode host: batch augmenta
 the Triton depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync
 per step), "fast_graph" (--fast --step-mode graph, --fast's default on CUDA: the step replayed as
 one CUDA graph; CUDA only); --compile adds torch.compile of the model to each, --fused-norm the
-trainer's --fused-norm (fast/gelu_batchnorm.py, not yet part of --fast) to each fast path. For
-each batch size and path: images per second for the whole step (data, MixUp/CutMix, forward,
-backward, clipping, AdamW) and for the model alone; the fast paths' augmentation alone; a
-torch.profiler table of the kernels (on a CPU, the operators) that take the most time, and the
-GPU-busy fraction of a step; the estimated training time of the 200-epoch recipe (10 million
+trainer's --fused-norm (fast/gelu_batchnorm.py, not yet part of --fast) to each fast path. For each
+batch size and path: images per second for the whole step (data, MixUp/CutMix, forward, backward,
+clipping, AdamW) and for the model alone; the fast paths' augmentation alone; a torch.profiler table
+of the kernels (on a CPU, the operators) that take the most time, how many kernels a step launches,
+and the GPU-busy fraction of a step; the estimated training time of the 200-epoch recipe (10 million
 images) at that speed; on CUDA, one depthwise layer per algorithm. benchmark.json is written after
 each path, so a run cut short keeps what it measured.
 """
@@ -86,7 +86,8 @@ def depthwise_breakdown(args, device, amp, repeats=20):
 
 def profile_steps(run_steps, step_range, device, label, top=12):
     """Where the time of a step goes, from torch.profiler over step_range: the `top` CUDA kernels
-    (on a CPU: operators) by their own time, their sum, and the busy fraction of the step's wall time."""
+    (on a CPU: operators, nested ones included) by their own time, their sum, how many were launched,
+    and the busy fraction of the step's wall time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -101,12 +102,15 @@ def profile_steps(run_steps, step_range, device, label, top=12):
                     / 1000 / n) for e in prof.key_averages() if e.device_type == kind),
                   key=lambda row: -row[1])
     busy, wall_ms = sum(ms for _, ms in rows), 1000 * wall / n
-    print(f"{label}, profile of {n} steps: {busy:.2f} ms busy of {wall_ms:.2f} ms per step "
-          f"(profiler on); top {'kernels' if device.type == 'cuda' else 'operators'}:")
+    # Launches cost about the same at any batch size, so at batch 64 their number matters.
+    launches = sum(e.count for e in prof.key_averages() if e.device_type == kind) / n
+    what = "kernels" if device.type == "cuda" else "operators"
+    print(f"{label}, profile of {n} steps: {busy:.2f} ms busy of {wall_ms:.2f} ms per step, "
+          f"{launches:.0f} {what} run per step (profiler on); top {what}:")
     for name, ms in rows[:top]:
         print(f"    {ms:8.3f} ms  {100 * ms / max(busy, 1e-9):5.1f}%  {name[:100]}")
     return {"steps": n, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy,
-            "busy_fraction": busy / max(wall_ms, 1e-9),
+            "busy_fraction": busy / max(wall_ms, 1e-9), "launches_per_step": launches,
             "top": [{"name": name[:200], "ms_per_step": ms} for name, ms in rows[:top]]}
 
 
