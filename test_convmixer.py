@@ -1061,9 +1061,10 @@ def test_gpu_check_main_continues_a_run_committed_under_results(killable_referen
 
 def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_rest():
     """tools/gpu_check.sh's two pytest -k selections, collected here: the default one must hold
-    every CUDA-only test (but torch.compile's model in a CUDA graph, not on the training path) and
-    the kernels at the main job's shapes (a typo there would cost a GPU its test step), and no
-    float32 kernel test of another shape, which GPU_TESTS=all adds."""
+    every CUDA-only test (but torch.compile's model in a CUDA graph, not on the training path), the
+    kernels at the main job's shapes (a typo there would cost a GPU its test step) and the fused
+    GELU -> BatchNorm's tests (but torch.compile's), and no float32 kernel test of another shape,
+    which GPU_TESTS=all adds."""
     import re
     default, everything = re.findall(r'selection="([^"]+)"', (HERE / "tools" / "gpu_check.sh").read_text())
 
@@ -1085,6 +1086,8 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
             "test_fast_depthwise_toeplitz_stacks_16_bit_planes_including_partial_stacks[17]",
             "test_fast_depthwise_bfloat16_partial_stacks_and_bias_gradient[17]",
             "test_batch_augment_on_cuda_matches_the_cpu_for_the_same_parameters"} <= chosen
+    fused_norm = {t for t in all_of_them if t.startswith("test_fused_gelu_batchnorm_")}   # --fused-norm's kernels
+    assert len(fused_norm) >= 12 and fused_norm - chosen == {"test_fused_gelu_batchnorm_compiles_into_one_graph"}
     float32 = {t for t in all_of_them if t.startswith("test_fast_depthwise_matches_conv2d_float32[")}
     assert len(float32) == 22 and chosen & float32 == {t for t in float32 if "-32-32-9]" in t}
     assert chosen < all_of_them

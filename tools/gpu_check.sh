@@ -5,14 +5,15 @@
 #
 #   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d on its
 #          32 x 32 planes (k 9 and 8, 256 channels, batch 1, 64 and 512 in bfloat16; k 9 in
-#          float32; partial stacks of planes), the fused GELU -> BatchNorm vs the pair in bfloat16
-#          (batch 64 and 512), the batch augmentation on CUDA vs the CPU, the device step and its
-#          CUDA graph, with GELU -> BatchNorm unfused and fused (OUT_DIR/pytest_gpu.txt).
+#          float32; partial stacks of planes), the fused GELU -> BatchNorm (--fused-norm) vs the
+#          pair in bfloat16 (batch 64 with the skip connection, 512) and in its CPU tests' shapes
+#          (float32, float16, in a ConvMixer), the batch augmentation on CUDA vs the CPU, the device
+#          step and its CUDA graph, with GELU -> BatchNorm unfused and fused (OUT_DIR/pytest_gpu.txt).
 #          GPU_TESTS=all adds the rest of the fast path's tests: the kernels in float32 at 10 other
 #          shapes, both algorithms (odd and 1 x 1 planes, even and 1 x 1 kernels, planes wider than
-#          32, batch 512 of 3 x 3 planes; each shape is a few more Triton compilations), the fused
-#          GELU -> BatchNorm in float32 and in a ConvMixer, torch.compile of both kinds of kernel
-#          and of the model in the step's CUDA graph (--compile --step-mode graph),
+#          32, batch 512 of 3 x 3 planes; each shape is a few more Triton compilations),
+#          torch.compile of both kinds of kernel and of the model in the step's CUDA graph
+#          (--compile --step-mode graph),
 #          and the CPU-side augmentation tests (about 5 minutes on an H200 before the fused
 #          GELU -> BatchNorm's tests and torch.compile's in a CUDA graph were added).
 #   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager, with
@@ -47,7 +48,7 @@ for step in "$@"; do
     start=$(date +%s)
     case "$step" in
     tests)
-        selection="(fast_depthwise and not compiles_into_one_graph and not compile_for_an_h100 and not float32) or (matches_conv2d_float32 and 32-32-9) or batch_augment_on_cuda or (cuda_only and not torch_compile)"
+        selection="(fast_depthwise and not compiles_into_one_graph and not compile_for_an_h100 and not float32) or (matches_conv2d_float32 and 32-32-9) or batch_augment_on_cuda or (cuda_only and not torch_compile) or (fused_gelu_batchnorm and not compiles_into_one_graph)"
         [ "${GPU_TESTS:-}" = all ] && selection="fast_depthwise or depthwise_breakdown or gelu_batchnorm or batch_augment or batched or resized_crop or cuda_only"
         timeout 900 python -m pytest -q -rs --durations=15 -k "$selection" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
