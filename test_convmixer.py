@@ -2684,7 +2684,8 @@ def test_fused_gelu_batchnorm_does_its_per_channel_arithmetic_in_its_kernels(gel
     from torch.profiler import profile
     arithmetic = {"aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_", "aten::div", "aten::neg",
                   "aten::sum", "aten::mean", "aten::square", "aten::pow", "aten::rsqrt", "aten::lerp_",
-                  "aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::gelu"}
+                  "aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::cudnn_batch_norm",
+                  "aten::cudnn_batch_norm_backward", "aten::gelu", "aten::gelu_backward"}
     pair, fused = gelu_then_batchnorm(gelu_batchnorm, 3)
     z = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
     x, dy = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randn(4, 3, 5, 5, device=DEVICE)
@@ -2695,7 +2696,7 @@ def test_fused_gelu_batchnorm_does_its_per_channel_arithmetic_in_its_kernels(gel
             torch.autograd.grad(y, (z, *pair[1].parameters(), *fused.parameters()), dy, allow_unused=True)
         ran[name] = {event.name for event in prof.events()} & arithmetic
     assert ran["fused"] == set()
-    assert {"aten::add", "aten::native_batch_norm", "aten::gelu"} <= ran["pair"]
+    assert {"aten::add", "aten::gelu", "aten::gelu_backward"} <= ran["pair"]
 
 
 def assert_the_same_training_step(reference, model, x, loss_tolerance, grad_tolerance):
