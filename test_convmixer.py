@@ -1088,6 +1088,7 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
             "test_batch_augment_on_cuda_matches_the_cpu_for_the_same_parameters"} <= chosen
     fused_norm = {t for t in all_of_them if t.startswith("test_fused_gelu_batchnorm_")}   # --fused-norm's kernels
     assert len(fused_norm) >= 12 and fused_norm - chosen == {"test_fused_gelu_batchnorm_compiles_into_one_graph"}
+    assert not {t for t in chosen if t.startswith("test_benchmark")}          # CPU runs of a subprocess
     float32 = {t for t in all_of_them if t.startswith("test_fast_depthwise_matches_conv2d_float32[")}
     assert len(float32) == 22 and chosen & float32 == {t for t in float32 if "-32-32-9]" in t}
     assert chosen < all_of_them
