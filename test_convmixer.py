@@ -1097,7 +1097,7 @@ def test_gpu_check_tests_select_the_training_paths_gpu_tests_and_all_adds_the_re
 def gpu_check_calls(tmp_path, step, **env):
     """The python commands tools/gpu_check.sh runs for `step`, recorded by a stand-in `python`."""
     stand_in = tmp_path / "bin" / "python"
-    stand_in.parent.mkdir()
+    stand_in.parent.mkdir(parents=True)
     stand_in.write_text('#!/bin/sh\nprintf "%s|" "$@" >> "$CALLS"; echo >> "$CALLS"\n')
     stand_in.chmod(0o755)
     env = dict(os.environ, PATH=f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
@@ -1111,13 +1111,21 @@ def gpu_check_calls(tmp_path, step, **env):
 
 def test_gpu_check_bench_runs_the_benchmark_eager_fused_then_compiled(tmp_path):
     """Three benchmark runs of the main job's model at batch 64 and 512, each into its own folder,
-    torch.compile's last."""
-    out = tmp_path / "out"
+    torch.compile's last; BENCH_RUNS picks some of them, and a name that is none of them stops the
+    script before it runs anything."""
     model = ["fast/benchmark.py", "--hdim", "256", "--depth", "8", "--ksize", "9", "--batch-sizes", "64", "512"]
-    assert gpu_check_calls(tmp_path, "bench") == [
-        model + ["--out", f"{out}/bench"],
-        model + ["--fused-norm", "--paths", "fast", "fast_graph", "--out", f"{out}/bench_fused_norm"],
-        model + ["--compile", "--out", f"{out}/bench_compile"]]
+    eager, fused, compiled = [], ["--fused-norm", "--paths", "fast", "fast_graph"], ["--compile"]
+
+    def calls(folder, runs):
+        return [model + flags + ["--out", f"{tmp_path}/{folder}/out/{name}"] for name, flags in runs]
+    assert gpu_check_calls(tmp_path / "all", "bench") == calls(
+        "all", [("bench", eager), ("bench_fused_norm", fused), ("bench_compile", compiled)])
+    assert gpu_check_calls(tmp_path / "two", "bench", BENCH_RUNS="bench_compile bench_fused_norm") == calls(
+        "two", [("bench_fused_norm", fused), ("bench_compile", compiled)])
+    typo = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path / "typo"), "tests", "bench"], cwd=HERE,
+                          env=dict(os.environ, BENCH_RUNS="bench_fusednorm"), capture_output=True, text=True)
+    assert typo.returncode == 2 and not (tmp_path / "typo").exists()
+    assert "BENCH_RUNS: no run named bench_fusednorm (bench bench_fused_norm bench_compile)" in typo.stdout
 
 
 def test_gpu_check_short_run_takes_its_flags_and_folder(tmp_path):

@@ -19,7 +19,8 @@
 #   bench  python fast/benchmark.py for ConvMixer-256/8 k9 p1 at batch 64 and 512, eager, with
 #          --fused-norm (fast paths only), and with --compile: each path's whole step, model only,
 #          augmentation only, a profiled step, the 200-epoch recipe's estimated time, one depthwise
-#          layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt)
+#          layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt). BENCH_RUNS
+#          names some of the three, e.g. BENCH_RUNS=bench_fused_norm (default: all of them).
 #   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast $SHORT_FLAGS
 #          (OUT_DIR/${SHORT_NAME:-short}), e.g. SHORT_FLAGS=--fused-norm SHORT_NAME=short_fused_norm
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
@@ -40,6 +41,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 [ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [short] [main]"; exit 2; }
 out_dir=$1; shift
+# folder:flags of each benchmark run (the fused GELU -> BatchNorm on its fast paths only),
+# torch.compile's last: it compiles the model afresh for every path and batch size
+bench_runs=("bench:" "bench_fused_norm:--fused-norm --paths fast fast_graph" "bench_compile:--compile")
+chosen_bench=" ${BENCH_RUNS:-${bench_runs[*]%%:*}} "
+for name in $chosen_bench; do                       # a misspelt name stops before any GPU work
+    [[ " ${bench_runs[*]%%:*} " == *" $name "* ]] \
+        || { echo "BENCH_RUNS: no run named $name (${bench_runs[*]%%:*})"; exit 2; }
+done
 mkdir -p "$out_dir" || exit 2
 { nvidia-smi -L; python -c "import torch, torchvision, triton; print('torch', torch.__version__, \
 'torchvision', torchvision.__version__, 'triton', triton.__version__)"; } >> "$out_dir/steps.txt" 2>&1
@@ -53,9 +62,8 @@ for step in "$@"; do
         timeout 900 python -m pytest -q -rs --durations=15 -k "$selection" \
             test_convmixer.py > "$out_dir/pytest_gpu.txt" 2>&1 || status=1 ;;
     bench)
-        # folder:flags of each benchmark run (the fused GELU -> BatchNorm on its fast paths only),
-        # torch.compile's last: it compiles the model afresh for every path and batch size
-        for run in "bench:" "bench_fused_norm:--fused-norm --paths fast fast_graph" "bench_compile:--compile"; do
+        for run in "${bench_runs[@]}"; do
+            [[ $chosen_bench == *" ${run%%:*} "* ]] || continue
             # shellcheck disable=SC2086  # the flags are a list
             timeout 400 python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 64 512 \
                 ${run#*:} --out "$out_dir/${run%%:*}" >> "$out_dir/bench.txt" 2>&1 || status=1
