@@ -19,7 +19,7 @@ is short. DeviceStep keeps everything the trainer needs on the device:
 On a CPU it runs eagerly, and test_convmixer.py checks it against train_step, weights and sums
 bit for bit, and the skip. The graph's tests need a GPU (tools/gpu_check.sh tests); they passed on
 an NVIDIA H200 (results/gpu_tests_cuda_only.txt, results/graph_resume_test.txt). There the 200-epoch
-run's graph pieces trained at 6,453-6,472 img/s at batch 64, its host-step pieces at 2,334-2,433
+run's graph pieces trained at 6,346-6,472 img/s at batch 64, its host-step pieces at 2,334-2,433
 (results/cifar10_convmixer_256_8_k9_p1), so the graph is --fast's default step on CUDA (but for
 --compile, untested in a graph); "device" stays opt-in, untimed.
 """
