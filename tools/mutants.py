@@ -2,6 +2,7 @@
 realistic bug?
 
     python tools/mutants.py                  # every mutant; about 15 minutes on 2 CPU cores
+    python tools/mutants.py --quick          # against the quick check's tests alone (pytest -q)
     python tools/mutants.py --list           # their names and what each one breaks
     python tools/mutants.py lr_per_epoch flip_tta_vertical
 
@@ -10,6 +11,9 @@ each, the project's tracked files are copied to a temporary folder, the edit is 
 the tests that should notice it are run against the copy: "killed" if they fail, "SURVIVED" if
 they pass. First the same tests run on the unchanged copy, which must pass, so that a kill means
 the edit was noticed and not that the tests were broken already. Exits 1 if any mutant survives.
+With --quick, each mutant meets only those of its tests that `pytest -q` runs (not marked slow):
+every mutant of the recipe and of fast/augment.py must be killed there too, so that the quick check
+alone catches a recipe bug; a mutant whose tests are all slow is reported as such ("slow only").
 The real CIFAR-10 is used when CIFAR10_ROOT (or ./data) holds it, as in the test suite.
 """
 import argparse
@@ -234,21 +238,31 @@ def copy_project(destination):
         shutil.copy2(ROOT / name, target)
 
 
-def run_tests(folder, expression):
+def run_tests(folder, expression, quick=False):
+    """pytest's exit code and summary line for the tests that `expression` selects: of the whole
+    suite (-m ""), or with quick of the quick check's (pytest.ini's default, not slow)."""
     env = dict(os.environ)
     if "CIFAR10_ROOT" not in env and (ROOT / "data" / "cifar-10-batches-py").is_dir():
         env["CIFAR10_ROOT"] = str(ROOT / "data")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           "-k", expression, "test_convmixer.py"], cwd=folder, env=env,
-                          capture_output=True, text=True)
+    marks = [] if quick else ["-m", ""]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *marks,
+                           "-k", expression], cwd=folder, env=env, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     return proc.returncode, summary
+
+
+NO_TESTS = 5                     # pytest's exit code when every test is deselected
+# The mutants the quick check must kill by itself: the recipe's and the batch augmentation's, but
+# those that only a whole run can show (a resume; the fused norm, whose tests train).
+QUICK_FILES = {"train_cifar.py", "trainer/randaugment.py", "fast/augment.py"}
+WHOLE_RUN_ONLY = {"resume_without_batchnorm_stats", "fused_norm_ignored"}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="mutants to run (default: all)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--quick", action="store_true", help="run each mutant against the quick check's tests only")
     args = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     unknown = set(args.names) - {m.name for m in MUTANTS}
@@ -262,8 +276,8 @@ def main(argv=None):
         clean = Path(tmp) / "clean"
         copy_project(clean)
         union = " or ".join(f"({m.tests})" for m in chosen)
-        code, summary = run_tests(clean, union)
-        print(f"unchanged code: {summary}", flush=True)
+        code, summary = run_tests(clean, union, args.quick)
+        print(f"unchanged code{' (quick check)' * args.quick}: {summary}", flush=True)
         if code != 0:
             print("the selected tests fail on the unchanged code; fix that first")
             return 2
@@ -278,10 +292,12 @@ def main(argv=None):
                 return 2
             (folder / m.file).write_text(source.replace(m.old, m.new))
             start = time.time()
-            code, summary = run_tests(folder, m.tests)
-            verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else f"error (pytest exit {code})"
+            code, summary = run_tests(folder, m.tests, args.quick)
+            slow_only = args.quick and code == NO_TESTS
+            verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else "slow only" if slow_only \
+                else f"error (pytest exit {code})"
             print(f"{m.name:32s} {verdict:9s} {time.time() - start:5.0f} s  {m.what}  [{summary}]", flush=True)
-            if code != 1:
+            if code != 1 and not (slow_only and (m.file not in QUICK_FILES or m.name in WHOLE_RUN_ONLY)):
                 survived.append(m.name)
             shutil.rmtree(folder)
     print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants killed"
