@@ -31,7 +31,7 @@ from convmixer import ConvMixer
 from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
                            triton_version, write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
-                                  check_args, data_workers, device_name, format_seconds, load_fake,
+                                  check_args, check_precision, data_workers, device_name, format_seconds, load_fake,
                                   non_finite_loss, open_cifar10, parse_noting_given, start_loader)
 from trainer.randaugment import RandAugment, randaugment_ops
 
@@ -43,7 +43,7 @@ N_TRAIN_IMAGES = 50_000
 CHECK_EVERY = 50        # --step-mode device or graph: steps between reads of the device's sums
 # What a run's result depends on; saved in last.pt and log.jsonl, reused by --resume.
 RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
-               "label_smoothing", "amp", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup", "cutmix",
+               "label_smoothing", "amp", "amp_dtype", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup", "cutmix",
                "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile", "step_mode",
                "fused_norm"]
 
@@ -67,7 +67,10 @@ def parse_args(argv=None):
     add("--eps", type=float, default=1e-3, help="AdamW epsilon")
     add("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     add("--label-smoothing", type=float, default=0.1)
-    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast on CUDA")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast (in --amp-dtype)")
+    add("--amp-dtype", choices=["auto", "bfloat16", "float16"], default="auto", help="auto: bfloat16 on "
+        "GPUs that compute it natively (CUDA compute capability 8.0+), float16 with loss scaling on older "
+        "ones (T4, V100, RTX 20xx), float32 on Apple's MPS and on CPUs")
     add = p.add_argument_group("augmentation").add_argument
     add("--scale", type=float, default=0.75, help="RandomResizedCrop min scale")
     add("--ra-n", type=int, default=2, help="RandAugment ops drawn per image")
@@ -83,7 +86,7 @@ def parse_args(argv=None):
     add("--fake-data", type=int, metavar="N", default=0,
         help="N synthetic images (FakeData) instead of CIFAR-10, for smoke tests")
     add("--out", help="output folder; when not given, a new folder under runs/")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    add("--device", help="cuda, mps, cpu, cuda:1, ... (default: CUDA, else Apple's MPS, else the CPU)")
     add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     add("--subset", type=int, metavar="N", help="train on the first N training images")
     add("--val", type=int, metavar="N", default=0, help="hold out the last N training images, report on them")
@@ -98,18 +101,56 @@ def parse_args(argv=None):
     add("--eval", metavar="CKPT", help="evaluate a saved model on the test set and exit")
     add = p.add_argument_group("speed (optional; the code is in fast/)").add_argument
     add("--fast", action=argparse.BooleanOptionalAction, help="augment whole batches on the device and, "
-        "on CUDA, use Triton depthwise kernels (default: on CUDA; the plain reference: --no-fast, or a CPU)")
+        "on CUDA, use Triton depthwise kernels (default: on CUDA with Triton, compute capability 8.0+; "
+        "elsewhere the plain reference)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     add("--step-mode", choices=["host", "device", "graph"], help="host: the loss checked every step; "
         "device: checked on the device, no host sync; graph: device, as a CUDA graph (default: graph "
         "with --fast on CUDA, unless --compile; else host)")
     add("--fused-norm", action=argparse.BooleanOptionalAction, default=False, help="GELU -> BatchNorm fused")
     args = parse_noting_given(p, argv)
+    args.device = args.device or default_device()
     try:
-        check_args(args, N_TRAIN_IMAGES)   # and the defaults that depend on others (--fast, --step-mode)
+        check_args(args, N_TRAIN_IMAGES)
+        args.notes = choose_for_the_hardware(args)
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def choose_for_the_hardware(args):
+    """The defaults that depend on the machine, all chosen here (a flag that is given wins): the
+    precision, whether to take the fast path (fast/) and how it steps. Returns the notes for the run's
+    first line on why a GPU runs the plain path."""
+    device = torch.device(args.device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    native_bfloat16 = capability is not None and capability >= (8, 0)     # A100, H100, RTX 30xx on
+    if args.amp_dtype == "auto":          # older GPUs emulate bfloat16, slowly; float16 they compute
+        args.amp_dtype = "float32" if capability is None else "bfloat16" if native_bfloat16 else "float16"
+    notes = []
+    if args.fast is None:                 # where the fast path is measured to pay (results/README.md)
+        args.fast = native_bfloat16 and triton_version() is not None
+        if capability and not args.fast:
+            notes.append("plain path: " + ("Triton is not installed here" if native_bfloat16 else
+                         f"the fast path is tested on compute capability 8.0 or more, this GPU has "
+                         f"{capability[0]}.{capability[1]}") + " (--fast asks for it)")
+    if args.step_mode is None:            # the graph step: 2.7x the host step at batch 64 on an H200
+        args.step_mode = "graph" if args.fast and capability and not args.compile else "host"
+    return notes
+
+
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+def autocast_dtype(recipe):
+    """The dtype the forward pass is autocast to (--amp-dtype), or None: float32 (--no-amp)."""
+    return AUTOCAST[recipe.amp_dtype] if recipe.amp else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +161,11 @@ def load_cifar10(root, train):
     ds = open_cifar10(root, train)    # torchvision's CIFAR10, with one-line errors (no network, ...)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return images, torch.tensor(ds.targets)
+
+
+def load_data(recipe, root, train):
+    """CIFAR-10's training or test set, or with --fake-data its synthetic stand-in."""
+    return load_fake(recipe.fake_data, train, recipe.seed) if recipe.fake_data else load_cifar10(root, train)
 
 
 # RandAugment as timm's "rand-m9-mstd0.5-inc1", the paper's setting: trainer/randaugment.py holds its
@@ -266,12 +312,15 @@ def one_cycle_lr(progress, peak):
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def train_step(net, optimizer, criterion, images, targets, lr, amp, clip):
-    """One AdamW step. Returns (loss, number of images whose top class matches the target's
-    largest share), or None, with the weights untouched, if the loss is not finite."""
+def train_step(net, optimizer, criterion, images, targets, lr, amp, clip, scaler=None):
+    """One AdamW step, the forward pass autocast to `amp` (a dtype, or None for float32). Returns
+    (loss, number of images whose top class matches the target's largest share), or None, with the
+    weights untouched, if the loss is not finite. The scaler is float16's loss scaling (disabled
+    for other precisions, where its calls do nothing but the plain backward and step)."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+    with torch.autocast(images.device.type, amp, enabled=amp is not None):
         logits = net(images)
     loss = criterion(logits.float(), targets)
     correct = (logits.argmax(1) == targets.argmax(1)).sum()
@@ -279,10 +328,12 @@ def train_step(net, optimizer, criterion, images, targets, lr, amp, clip):
     if not math.isfinite(loss_value):
         return None
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()         # float16: scaled up, so that small gradients do not vanish
     if clip > 0:
+        scaler.unscale_(optimizer)        # clip the true gradients
         nn.utils.clip_grad_norm_(net.parameters(), clip)
-    optimizer.step()
+    scaler.step(optimizer)                # skipped if a float16 gradient overflowed
+    scaler.update()                       # then a smaller scale
     return loss_value, correct
 
 
@@ -297,9 +348,10 @@ class Run:
         state = read_resume_state(self.out, RECIPE_KEYS, args) if args.resume else None
         recipe = self.recipe = argparse.Namespace(
             **(state["recipe"] if state else {k: getattr(args, k) for k in RECIPE_KEYS}))
+        check_precision(recipe, self.device)        # the new run's, or the resumed one's as it goes on
         torch.manual_seed(recipe.seed)
-        (images, labels), self.test = ((load_fake(recipe.fake_data, t, recipe.seed) if recipe.fake_data
-                                        else load_cifar10(args.data, train=t)) for t in (True, False))
+        images, labels = load_data(recipe, args.data, train=True)
+        self.test = load_data(recipe, args.data, train=False)
         n = len(images)                                                 # --val: the last images
         self.val = (images[n - recipe.val:], labels[n - recipe.val:]) if recipe.val else None
         self.data = training_data(recipe, images[:recipe.n_train], labels[:recipe.n_train], self.device)
@@ -308,7 +360,8 @@ class Run:
         self.optimizer = make_optimizer(self.model, recipe, fused=recipe.step_mode != "host" or None)
         self.mix = batch_mixing(recipe)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        self.amp = recipe.amp and self.device.type == "cuda"
+        self.amp = autocast_dtype(recipe)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.steps_per_epoch = recipe.n_train // recipe.batch_size
         self.epoch, self.step, self.wall_before, self.start_time = 0, 0, 0.0, time.time()
         self.sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
@@ -317,6 +370,8 @@ class Run:
             if "state_dict" in state:          # (a run stopped before its first last.pt has none)
                 self.model.load_state_dict(state["state_dict"])
                 self.optimizer.load_state_dict(state["optimizer"])
+                if self.scaler.is_enabled() and state.get("scaler"):     # float16's loss scale
+                    self.scaler.load_state_dict(state["scaler"])
                 self.saved = (state["epoch"], state["step"])
             self.epoch, self.step, self.sums = state["epoch"], state["step"], state["sums"]
             self.wall_before = state["wall_seconds"]
@@ -332,7 +387,7 @@ class Run:
         self.save_every, self.last_save = 60 * args.save_every, time.time()
         if self.saved is None:          # from here on, --resume has a last.pt to continue from
             self.save_last()
-        announce(recipe, n_params, self.steps_per_epoch, where, self.out)
+        announce(recipe, n_params, self.steps_per_epoch, where, self.out, getattr(args, "notes", []) if not state else [])
 
     def lr_at(self, steps_done):
         """The one-cycle learning rate of the step after which `steps_done` steps are done."""
@@ -369,7 +424,7 @@ class Run:
         if self.device_step:
             return self.device_step(images, targets, lr)
         result = train_step(self.net, self.optimizer, self.criterion, images, targets, lr, self.amp,
-                            self.recipe.clip)
+                            self.recipe.clip, self.scaler)
         if result is None:
             raise non_finite_loss(self.epoch * self.steps_per_epoch + self.step + 1, self.steps_per_epoch,
                                   self.out)
@@ -394,7 +449,7 @@ class Run:
 
     def save_last(self):
         save_atomic({"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "config": model_config(self.recipe), "recipe": vars(self.recipe), "epoch": self.epoch,
+                     "scaler": self.scaler.state_dict(), "config": model_config(self.recipe), "recipe": vars(self.recipe), "epoch": self.epoch,
                      "step": self.step, "sums": self.sums, "wall_seconds": self.wall_seconds(),
                      "eval_every": self.eval_every},
                     self.out / "last.pt")
@@ -458,7 +513,7 @@ def predict(model, images, device, amp, mirror=False, batch_size=None):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         x = (x.float() / 255 - mean) / std
         x = x.flip(3) if mirror else x                        # (B, C, H, W): 3 is the width
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, amp, enabled=amp is not None):
             logits.append(model(x).float().cpu())
     model.train()
     return torch.cat(logits)
@@ -476,11 +531,10 @@ def evaluate(model, images, labels, device, amp, flip_tta=False):
 def evaluate_checkpoint(args):
     model = read_model(args.eval, "--eval", build_model, CIFAR10_MEAN, CIFAR10_STD)
     device = torch.device(args.device)
-    images, labels = load_fake(args.fake_data, False, args.seed) if args.fake_data else \
-        load_cifar10(args.data, train=False)
+    images, labels = load_data(args, args.data, train=False)
     print(f"evaluating {args.eval}: {len(images):,} test images and their mirrors on "
           f"{device_name(device)}", flush=True)
-    acc, tta = evaluate(model.to(device), images, labels, device, args.amp and device.type == "cuda", True)
+    acc, tta = evaluate(model.to(device), images, labels, device, autocast_dtype(args), True)
     print(f"test accuracy {acc:.2f}% (flip-TTA {tta:.2f}%) on {len(images):,} images: {args.eval}")
     return acc
 

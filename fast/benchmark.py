@@ -61,7 +61,7 @@ def depthwise_breakdown(args, device, amp, repeats=20):
 
     def milliseconds(layer, part):
         def run():
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, amp, enabled=amp is not None):
                 y = layer(x)
             if part == "forward_backward":
                 y.backward(torch.ones_like(y))
@@ -114,6 +114,11 @@ def profile_steps(run_steps, step_range, device, label, top=12):
             "top": [{"name": name[:200], "ms_per_step": ms} for name, ms in rows[:top]]}
 
 
+def amp_dtype(args):
+    """The autocast precision the trainer takes on this device by default ("float32": none)."""
+    return recipe_for(args, args.batch_sizes[0], "plain").amp_dtype
+
+
 def recipe_for(args, batch_size, path):
     """train_cifar's recipe for this config, batch size and path, as its flags would give it."""
     argv = ["--hdim", args.hdim, "--depth", args.depth, "--ksize", args.ksize, "--psize", args.psize,
@@ -140,7 +145,7 @@ def measure_path(args, path, recipe, device, images, labels, plan):
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     mix = train_cifar.batch_mixing(recipe)
     data = train_cifar.training_data(recipe, images, labels, device)
-    amp = recipe.amp and device.type == "cuda"
+    amp = train_cifar.autocast_dtype(recipe)           # as the trainer chooses it for this device
     if recipe.step_mode == "host":
         def step(x, target):
             train_cifar.train_step(net, optimizer, criterion, x, target, recipe.lr, amp, recipe.clip)
@@ -198,7 +203,7 @@ def benchmark(args):
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": device_name(device), "torch": torch.__version__,
               "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize, "psize": args.psize,
-                         "amp": device.type == "cuda", "compile": args.compile,
+                         "amp_dtype": amp_dtype(args), "compile": args.compile,
                          "fused_norm": args.fused_norm, "workers": args.workers, "steps": args.steps}}
     paths = args.paths or [p for p in PATHS if p != "fast_graph" or device.type == "cuda"]
     for b in args.batch_sizes:
@@ -220,7 +225,7 @@ def benchmark(args):
             save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json")
         if device.type == "cuda":
             args.batch_size = b
-            section["depthwise_ms"] = depthwise_breakdown(args, device, device.type == "cuda")
+            section["depthwise_ms"] = depthwise_breakdown(args, device, train_cifar.AUTOCAST[amp_dtype(args)])
             save_atomic(json.dumps(result, indent=2) + "\n", out / "benchmark.json")
     print(f"wrote {out / 'benchmark.json'}")
     return result

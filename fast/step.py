@@ -99,7 +99,7 @@ class DeviceStep:
         """What one step does, all of it on the device (and so capturable)."""
         # Under a graph, autocast's cache of cast weights is off: PyTorch's notes on
         # make_graphed_callables ask it of autocast in a capture.
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.amp,
+        with torch.autocast(images.device.type, self.amp, enabled=self.amp is not None,
                             cache_enabled=not self.graph):
             logits = self.net(images)
         loss = self.criterion(logits.float(), targets)

@@ -175,3 +175,15 @@ def sample_images(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     small = torch.rand(n, 3, 4, 4, generator=g) * 255
     return nn.functional.interpolate(small, size=32, mode="bilinear").round().to(torch.uint8)
+
+
+def as_on_a_gpu(monkeypatch, capability=(9, 0), bf16_emulated=True):
+    """Make torch.cuda answer as on a machine with one NVIDIA GPU of this compute capability (9.0: an
+    H100), for the choices the trainer makes before it touches the GPU; MPS is absent."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capability >= (8, 0) or bf16_emulated)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+

@@ -97,6 +97,24 @@ def test_a_run_with_the_device_step_resumes_exactly(tmp_path):
     assert_same_run(out, tmp_path / "reference")
 
 
+def test_a_float16_run_keeps_its_loss_scale_and_resumes_exactly(tmp_path):
+    """--amp-dtype float16 (as older GPUs train, here on a CPU): the loss scaler's state is saved in
+    last.pt and restored, so that a run killed mid-epoch and resumed ends as its uninterrupted twin;
+    the first line and the log say the precision."""
+    float16_run = [*KILLABLE, "--amp-dtype", "float16"]
+    result = run_script(*float16_run, "--out", tmp_path / "reference")
+    assert "float16 autocast with loss scaling" in result.stdout.splitlines()[0]
+    assert read_log(tmp_path / "reference")[0]["config"]["amp_dtype"] == "float16"
+    out = tmp_path / "run"
+    start_or_resume(out, killer=["rename", 15], new_run=float16_run).communicate(timeout=300)
+    stopped = torch.load(out / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (1, 1) and stopped["scaler"]["scale"] > 0
+    finish(out)
+    assert_same_run(out, tmp_path / "reference")
+    scales = [torch.load(d / "last.pt", weights_only=True)["scaler"] for d in (out, tmp_path / "reference")]
+    assert scales[0] == scales[1]
+
+
 def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(killable_reference, tmp_path,
                                                                            capsys):
     """The step mode says how a step runs, not what it computes, so that a long run can take a mode
@@ -110,7 +128,7 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
     log_before = (out / "log.jsonl").read_bytes()
     for change, words in [(["--epochs", "5"], "--epochs is given as 5 and the run has 3"),
                           (["--seed", "4"], "--seed is given as 4 and the run has 3"),
-                          (["--no-amp"], "--amp is given as False and the run has True"),
+                          (["--lr", "0.5"], "--lr is given as 0.5 and the run has 0.01"),
                           (["--fast"], "--fast is given as True and the run has False")]:
         lines = error_lines_of_main(["--resume", "--out", out, "--device", "cpu", *change], capsys)
         assert words in lines[-1] and "start a new run in another --out" in lines[-1], (change, lines)
@@ -118,6 +136,7 @@ def test_resume_takes_a_new_step_mode_and_refuses_any_other_change_of_recipe(kil
 
     import train_cifar, trainer.files as files
     for flags, taken in [([], {"step_mode": "host", "compile": False, "fused_norm": False}),
+                         (["--amp-dtype", "float16"], {"amp_dtype": "float16"}), (["--no-amp"], {"amp": False}),
                          (["--compile", "--step-mode", "device"], {"step_mode": "device", "compile": True}),
                          (["--fused-norm"], {"fused_norm": True})]:
         args = train_cifar.parse_args(["--resume", "--out", str(out), "--device", "cpu", *flags])

@@ -26,7 +26,7 @@ def test_the_cuda_only_lines_run_on_a_cpu_bfloat16_autocast_and_fused_adamw():
     import train_cifar
     recipe = train_cifar.parse_args(["--hdim", "16", "--depth", "1", "--psize", "4", "--device", "cpu"])
     results = {}
-    for amp, fused in [(False, False), (True, True)]:
+    for amp, fused in [(None, False), (torch.bfloat16, True)]:
         torch.manual_seed(0)
         model = ConvMixer(16, 1, 9, 4, n_classes=10)
         optimizer = train_cifar.make_optimizer(model, recipe, fused=fused)
@@ -38,8 +38,8 @@ def test_the_cuda_only_lines_run_on_a_cpu_bfloat16_autocast_and_fused_adamw():
                                           torch.arange(16) % 10, torch.device("cpu"), amp, flip_tta=True)
         assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies) and 0 <= correct <= 8
         results[amp] = (loss, [p.detach().clone() for p in model.parameters()])
-    assert results[True][0] == pytest.approx(results[False][0], rel=0.05)     # bfloat16: ~3 digits
-    for p_amp, p_fp32 in zip(results[True][1], results[False][1]):
+    assert results[torch.bfloat16][0] == pytest.approx(results[None][0], rel=0.05)     # bfloat16: ~3 digits
+    for p_amp, p_fp32 in zip(results[torch.bfloat16][1], results[None][1]):
         torch.testing.assert_close(p_amp, p_fp32, rtol=0.05, atol=2e-3)
     assert train_cifar.make_optimizer(model, recipe).defaults["fused"] is None   # CPU default
 
@@ -67,12 +67,12 @@ def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_dev
     clip = 0.5                      # these gradients' norms are 0.67-0.71: clipped at every step
     host_model, host_optimizer, criterion, batches = device_step_setup()
     model, optimizer, _, _ = device_step_setup()
-    step = DeviceStep(model, optimizer, criterion, amp=False, clip=clip, device=torch.device("cpu"))
+    step = DeviceStep(model, optimizer, criterion, amp=None, clip=clip, device=torch.device("cpu"))
     step.start(100, 5.0, 2.0)                                     # resumed mid-epoch, say
     sums = [5.0, 2.0]
     for i, (x, t) in enumerate(batches[:4]):
         lr = 0.001 * (i + 1)
-        loss, correct = train_cifar.train_step(host_model, host_optimizer, criterion, x, t, lr, False, clip)
+        loss, correct = train_cifar.train_step(host_model, host_optimizer, criterion, x, t, lr, None, clip)
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in host_model.parameters()]))
         assert norm.item() == pytest.approx(clip, rel=1e-5)       # the clipping acted
         sums = [sums[0] + loss * len(x), sums[1] + correct]
@@ -84,7 +84,7 @@ def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_dev
         assert all(torch.equal(a[k], b[k]) for k in b)
     before = {k: v.clone() for k, v in model.named_parameters()}
     x, t = batches[4]
-    assert train_cifar.train_step(host_model, host_optimizer, criterion, x, t * float("nan"), 0.01, False,
+    assert train_cifar.train_step(host_model, host_optimizer, criterion, x, t * float("nan"), 0.01, None,
                                   clip) is None
     step(x, t * float("nan"), 0.01)                               # the 105th step of the run
     step(x, t * float("inf"), 0.01)                               # another bad one
@@ -93,7 +93,7 @@ def test_device_step_equals_the_host_step_and_skips_a_non_finite_loss_on_the_dev
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     with pytest.raises(ValueError, match="fused AdamW"):
-        DeviceStep(*device_step_setup(fused_optimizer=False)[:3], amp=False, clip=1.0,
+        DeviceStep(*device_step_setup(fused_optimizer=False)[:3], amp=None, clip=1.0,
                    device=torch.device("cpu"))
 
 
@@ -115,7 +115,7 @@ def test_device_step_cuda_only_graph_replays_what_the_eager_step_does(model_kind
         net = torch.compile(model) if model_kind == "torch_compile" else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.0, device="cuda"), eps=1e-3,
                                       fused=True, capturable=True)
-        step = DeviceStep(net, optimizer, criterion, amp=True, clip=1.0, device=torch.device("cuda"),
+        step = DeviceStep(net, optimizer, criterion, amp=torch.bfloat16, clip=1.0, device=torch.device("cuda"),
                           graph=graph)
         step.start(0, 0.0, 0.0)
         for i, (x, t) in enumerate(batches[:5]):
@@ -184,6 +184,24 @@ def test_fused_norm_trains_as_gelu_then_batchnorm_does(tmp_path, gelu_batchnorm,
     args = train_cifar.parse_args([*resume, "--no-fused-norm"])
     recipe = files.read_resume_state(tmp_path / "fused", train_cifar.RECIPE_KEYS, args)["recipe"]
     assert recipe["fused_norm"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast on a GPU")
+def test_float16_cuda_only_trains_as_bfloat16_does_and_keeps_its_loss_scale(tmp_path):
+    """The precision older GPUs take (--amp-dtype float16, loss scaling, the plain path), forced on
+    this GPU: the same losses as the bfloat16 run up to 16-bit rounding, and the scaler's state in
+    last.pt, written from the GPU as CPU tensors."""
+    losses = {}
+    for dtype in ("bfloat16", "float16"):
+        result = run_script("--hdim", "64", "--depth", "2", "--ksize", "9", "--psize", "2", "--epochs", "2",
+                            "--batch-size", "64", "--fake-data", "1024", "--no-fast", "--amp-dtype", dtype,
+                            "--out", tmp_path / dtype)
+        assert f"{dtype} autocast" in result.stdout.splitlines()[0]
+        losses[dtype] = [r["train_loss"] for r in read_log(tmp_path / dtype) if "train_loss" in r]
+    assert losses["float16"] == pytest.approx(losses["bfloat16"], rel=0.02), losses
+    assert torch.load(tmp_path / "float16" / "last.pt", weights_only=True)["scaler"]["scale"] > 1
+    assert storage_locations(tmp_path / "float16" / "last.pt") == {"cpu"}
 
 
 @pytest.mark.slow
@@ -470,7 +488,7 @@ def test_benchmark_depthwise_breakdown_times_both_kernels(fast_depthwise):
     args = benchmark.parse_args(["--hdim", "2", "--ksize", "3", "--psize", "8", "--device", DEVICE])
     args.batch_size = 2
     default_rows = fast_depthwise.TOEPLITZ_ROWS
-    timings = benchmark.depthwise_breakdown(args, torch.device(DEVICE), amp=False, repeats=1)
+    timings = benchmark.depthwise_breakdown(args, torch.device(DEVICE), amp=None, repeats=1)
     toeplitz = [f"triton_toeplitz_{rows}rows" for rows in (32, default_rows, 256)]
     assert set(timings) == {f"{k}_{p}" for k in ("native", "triton_direct", *toeplitz)
                             for p in ("forward", "forward_backward")}

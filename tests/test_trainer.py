@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from convmixer import ConvMixer
-from helpers import (CIFAR10_MEAN, CIFAR10_STD, DATA, REAL_DATA, ROOT, TINY, error_lines_of_main,
+from helpers import (CIFAR10_MEAN, CIFAR10_STD, DATA, REAL_DATA, ROOT, TINY, as_on_a_gpu, error_lines_of_main,
                      read_log, run_script, sample_images, storage_locations, without_timings)
 
 
@@ -321,13 +321,100 @@ def test_a_device_that_is_not_here_is_one_line_naming_it(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             train_cifar.parse_args(["--device", "mps"])
         assert "error: --device mps: MPS is not available here" in capsys.readouterr().err
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # as on a machine with one GPU
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert train_cifar.parse_args(["--device", "cuda:0"]).fast is True
+    as_on_a_gpu(monkeypatch)                                             # a machine with one GPU
+    assert train_cifar.parse_args(["--device", "cuda:0"]).fast is (train_cifar.triton_version() is not None)
     with pytest.raises(SystemExit):
         train_cifar.parse_args(["--device", "cuda:1"])
     assert "error: --device cuda:1: there is no cuda device 1 here (1 in all, numbered from 0)" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("machine, flags, expected", [
+    # machine: a CUDA GPU's compute capability, "no triton" on an H100, "mps" or "cpu"
+    ((9, 0), [], ("cuda", "bfloat16", True, "graph", [])),                      # H100, H200
+    ((8, 6), [], ("cuda", "bfloat16", True, "graph", [])),                      # RTX 30xx, A10
+    ((7, 5), [], ("cuda", "float16", False, "host", ["compute capability 8.0 or more, this GPU has 7.5"])),
+    ((7, 0), [], ("cuda", "float16", False, "host", ["this GPU has 7.0"])),        # V100
+    ((7, 5), ["--amp-dtype", "bfloat16", "--fast"], ("cuda", "bfloat16", True, "graph", [])),
+    ((9, 0), ["--no-amp"], ("cuda", "bfloat16", True, "graph", [])),            # float32: amp is off
+    ("no triton", [], ("cuda", "bfloat16", False, "host", ["Triton is not installed here"])),
+    ("mps", [], ("mps", "float32", False, "host", [])),
+    ("cpu", [], ("cpu", "float32", False, "host", [])),
+    ("cpu", ["--amp-dtype", "float16"], ("cpu", "float16", False, "host", [])),
+])
+def test_precision_fast_path_and_device_are_chosen_by_the_hardware(monkeypatch, machine, flags, expected):
+    """bfloat16 where the GPU computes it natively, float16 (with loss scaling) on older GPUs, float32
+    on MPS and CPUs; the fast path where it is tested to pay; each flag given wins over the choice."""
+    import train_cifar
+    monkeypatch.setattr(train_cifar, "triton_version", lambda: None if machine == "no triton" else "3.6.0")
+    if machine in ("mps", "cpu"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: machine == "mps")
+        monkeypatch.setattr(torch.mps, "is_available", lambda: machine == "mps", raising=False)
+    else:
+        as_on_a_gpu(monkeypatch, (9, 0) if machine == "no triton" else machine)
+    a = train_cifar.parse_args(flags)
+    device, amp_dtype, fast, step_mode, notes = expected
+    assert (a.device, a.amp_dtype, a.fast, a.step_mode) == (device, amp_dtype, fast, step_mode)
+    assert len(a.notes) == len(notes) and all(n in line for n, line in zip(notes, a.notes))
+    assert all(line.startswith("plain path: ") and line.endswith("(--fast asks for it)") for line in a.notes)
+    assert train_cifar.autocast_dtype(a) == (None if "--no-amp" in flags or amp_dtype == "float32"
+                                            else getattr(torch, amp_dtype))
+
+
+def test_a_precision_the_machine_or_the_fast_path_cannot_run_is_one_line(monkeypatch, capsys, tmp_path,
+                                                                         keep_signal_handlers):
+    """float16 with anything of fast/ (tested in bfloat16 and float32 only), autocast or fast/ on MPS,
+    bfloat16 on a GPU that cannot compute it: refused at the start, naming the flags."""
+    as_on_a_gpu(monkeypatch, (7, 5), bf16_emulated=False)
+    cases = [(["--fast"], "--amp-dtype float16 (loss scaling) is not tested with --fast --step-mode graph"),
+             (["--step-mode", "device"], "is not tested with --step-mode device"),
+             (["--amp-dtype", "bfloat16"], "cannot compute in bfloat16; use --amp-dtype float16")]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4", raising=False)
+    for flags, words in cases:
+        lines = error_lines_of_main([*FAKE_CUDA, "--out", tmp_path / "o", *flags], capsys)
+        assert len(lines) == 1 and words in lines[0], (flags, lines)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: True, raising=False)
+    for flags in (["--fast"], ["--amp-dtype", "float16"]):
+        lines = error_lines_of_main([*FAKE_CUDA[:-2], "--out", tmp_path / "o", *flags], capsys)
+        assert len(lines) == 1 and "--device mps runs the plain path in float32" in lines[0], (flags, lines)
+    assert not (tmp_path / "o").exists()                    # refused before anything is written
+
+
+FAKE_CUDA = ["--hdim", "8", "--depth", "1", "--ksize", "3", "--psize", "4", "--epochs", "1", "--workers", "0",
+             "--fake-data", "100", "--batch-size", "50", "--device", "cuda"]
+
+
+def test_float16_loss_scaling_skips_a_step_whose_gradients_overflow(monkeypatch):
+    """PyTorch's AMP recipe in train_step: the scaled loss backward, the gradients unscaled before
+    clipping, a step with an inf gradient skipped (weights and AdamW's moments untouched) and the
+    scale halved, and the next step taken."""
+    import train_cifar
+    torch.manual_seed(0)
+    model = ConvMixer(8, 1, 3, 4, n_classes=10)
+    optimizer = train_cifar.make_optimizer(model, train_cifar.parse_args(["--device", "cpu"]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    x, targets = torch.randn(8, 3, 32, 32), nn.functional.one_hot(torch.arange(8) % 10, 10).float()
+    norms, clip_grad_norm = [], nn.utils.clip_grad_norm_
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", lambda params, clip: norms.append(clip_grad_norm(params, clip)))
+
+    def step():
+        return train_cifar.train_step(model, optimizer, criterion, x, targets, 0.01, torch.float16, 1.0, scaler)
+    step()
+    assert norms[-1] < 100 and scaler.get_scale() == 2.0**10          # clipped after unscaling
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    hook = model[0].weight.register_hook(lambda grad: grad * float("inf"))        # an overflow
+    assert step() is not None                                    # not a failed run: a skipped step
+    hook.remove()
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(optimizer.state.values(), moments))
+    step()
+    assert not torch.equal(model[0].weight, before["0.weight"])
 
 
 def test_every_train_cifar_flag_that_the_project_mentions_exists(capsys):
@@ -468,12 +555,15 @@ def test_a_cpu_run_that_would_take_days_says_so_and_points_to_the_quick_check(mo
     assert (quick.hdim, quick.depth, quick.psize, quick.epochs, quick.n_train) == (32, 2, 2, 2, 2000)
 
 
-def test_train_cifar_reads_top_to_bottom_in_at_most_500_lines():
+def test_train_cifar_reads_top_to_bottom_as_the_recipe_alone():
     """The trainer stays a script to read: the housekeeping and the RandAugment table live in
-    trainer/, the speed code and the benchmark in fast/."""
+    trainer/, the speed code and the benchmark in fast/ (imported only where a flag asks for it),
+    and no function is longer than a screen."""
     import ast
     source = (ROOT / "train_cifar.py").read_text()
-    assert len(source.splitlines()) <= 500
+    assert len(source.splitlines()) <= 600
+    top_level_imports = [n for n in ast.parse(source).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top_level_imports if "fast" in ast.unparse(n)]
     functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
     too_long = [f.name for f in functions if f.end_lineno - f.lineno + 1 > 60 and f.name != "parse_args"]
     assert not too_long
@@ -526,7 +616,7 @@ def test_gradient_clipping_bounds_the_update():
         return 1000 * nn.functional.cross_entropy(logits, targets)
     for clip in (1.0, 0.0):                             # 0: no clipping
         train_cifar.train_step(model, optimizer, steep_loss, torch.randn(8, 3, 32, 32), targets, 0.01,
-                               False, clip)
+                               None, clip)
     assert norms[0] == pytest.approx(1.0, rel=1e-4) and norms[1] > 2
 
 
@@ -594,7 +684,8 @@ def test_on_cuda_the_default_step_is_the_fast_paths_graph_and_the_benchmark_name
     in full, so that "plain" is not the CUDA default (the fast path) and "fast" not its graph step."""
     import train_cifar
     from fast import benchmark
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    as_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(train_cifar, "triton_version", lambda: "3.6.0")
     modes = {tuple(flags): (a.fast, a.step_mode, a.compile) for flags in
              [[], ["--compile"], ["--no-fast"], ["--step-mode", "device"], ["--fast", "--step-mode", "host"]]
              for a in [train_cifar.parse_args(["--device", "cuda", *flags])]}
@@ -714,7 +805,7 @@ def test_evaluation_runs_in_eval_mode_and_leaves_the_model_training():
     with torch.no_grad():
         labels = model.eval()((images.float() / 255 - mean) / std).argmax(1)
     model.train()
-    assert train_cifar.evaluate(model, images, labels, torch.device("cpu"), False) == [100.0]
+    assert train_cifar.evaluate(model, images, labels, torch.device("cpu"), None) == [100.0]
     assert model.training
 
 
@@ -726,7 +817,7 @@ def test_evaluation_on_a_cpu_takes_batches_of_20_and_every_image_once_in_order()
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
     images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8)
-    logits = train_cifar.predict(model, images, torch.device("cpu"), False)
+    logits = train_cifar.predict(model, images, torch.device("cpu"), None)
     assert seen == [20] * 12 + [10] and logits.shape == (250, 10) and logits.dtype == torch.float32
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     with torch.no_grad():

@@ -8,7 +8,8 @@
 #          float32; partial stacks of planes), the fused GELU -> BatchNorm (--fused-norm) vs the
 #          pair in bfloat16 (batch 64 with the skip connection, 512) and in its CPU tests' shapes
 #          (float32, float16, in a ConvMixer), the batch augmentation on CUDA vs the CPU, the device
-#          step and its CUDA graph, with GELU -> BatchNorm unfused and fused (OUT_DIR/pytest_gpu.txt).
+#          step and its CUDA graph, with GELU -> BatchNorm unfused and fused, and a float16 run with
+#          loss scaling against a bfloat16 one (OUT_DIR/pytest_gpu.txt).
 #          GPU_TESTS=all adds the rest of the fast path's tests: the kernels in float32 at 10 other
 #          shapes, both algorithms (odd and 1 x 1 planes, even and 1 x 1 kernels, planes wider than
 #          32, batch 512 of 3 x 3 planes; each shape is a few more Triton compilations),
@@ -22,7 +23,9 @@
 #          layer per algorithm (OUT_DIR/bench*/benchmark.json, console in bench.txt). BENCH_RUNS
 #          names some of the three, e.g. BENCH_RUNS=bench_fused_norm (default: all of them).
 #   short  a real CIFAR-10 run: ConvMixer-256/8 k5 p2, 25 epochs, batch 512, --fast $SHORT_FLAGS
-#          (OUT_DIR/${SHORT_NAME:-short}), e.g. SHORT_FLAGS=--fused-norm SHORT_NAME=short_fused_norm
+#          (OUT_DIR/${SHORT_NAME:-short}), e.g. SHORT_FLAGS=--fused-norm SHORT_NAME=short_fused_norm;
+#          the precision of older GPUs (float16, loss scaling, the plain path), forced on this one:
+#          SHORT_FLAGS="--no-fast --amp-dtype float16" SHORT_NAME=short_float16
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
 #          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in its console.txt). A run
 #          already there, or else committed under results/ with that name, is continued (--resume).

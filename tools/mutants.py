@@ -69,7 +69,8 @@ MUTANTS = [
     Mutant("no_clipping", "gradient clipping removed", "train_cifar.py",
            "    if clip > 0:\n", "    if False:\n", "clipping"),
     Mutant("clip_not_passed", "the trainer never passes --clip to the step", "train_cifar.py",
-           "self.amp,\n                            self.recipe.clip)", "self.amp,\n                            0.0)",
+           "self.amp,\n                            self.recipe.clip, self.scaler)",
+           "self.amp,\n                            0.0, self.scaler)",
            "learning_rate"),
     Mutant("val_from_the_front", "--val takes the first training images, which are trained on",
            "train_cifar.py", "self.val = (images[n - recipe.val:], labels[n - recipe.val:])",
@@ -214,8 +215,18 @@ MUTANTS = [
            "draws_as_timm"),
     # Which step a run takes on CUDA by default, and which paths the benchmark measures
     Mutant("graph_with_compile", "the default step is a CUDA graph with --compile too (untested there)",
-           "trainer/housekeeping.py", 'cuda and not getattr(args, "compile", False) else "host"',
-           'cuda else "host"', "default_step_is_the_fast"),
+           "train_cifar.py", '"graph" if args.fast and capability and not args.compile else "host"',
+           '"graph" if args.fast and capability else "host"', "default_step_is_the_fast"),
+    # The precision chosen by the hardware, and float16's loss scaling (train_cifar.py)
+    Mutant("bfloat16_on_old_gpus", "bfloat16 autocast on GPUs without native bfloat16 (T4, V100)",
+           "train_cifar.py", 'else "bfloat16" if native_bfloat16 else "float16"', 'else "bfloat16"',
+           "chosen_by_the_hardware"),
+    Mutant("clip_scaled_gradients", "float16: the gradients clipped while still scaled by the loss scale",
+           "train_cifar.py", "        scaler.unscale_(optimizer)        # clip the true gradients\n", "",
+           "overflow"),
+    Mutant("scaler_not_restored", "--resume of a float16 run starts its loss scale afresh", "train_cifar.py",
+           '                    self.scaler.load_state_dict(state["scaler"])', "                    pass",
+           "float16_run_keeps_its_loss_scale"),
     Mutant("benchmark_plain_takes_defaults", "the benchmark's plain path takes the trainer's defaults, on "
            "CUDA the fast path", "fast/benchmark.py", '"plain": ["--no-fast", "--step-mode", "host"]',
            '"plain": []', "default_step_is_the_fast"),
@@ -255,7 +266,7 @@ NO_TESTS = 5                     # pytest's exit code when every test is deselec
 # The mutants the quick check must kill by itself: the recipe's and the batch augmentation's, but
 # those that only a whole run can show (a resume; the fused norm, whose tests train).
 QUICK_FILES = {"train_cifar.py", "trainer/randaugment.py", "fast/augment.py"}
-WHOLE_RUN_ONLY = {"resume_without_batchnorm_stats", "fused_norm_ignored"}
+WHOLE_RUN_ONLY = {"resume_without_batchnorm_stats", "fused_norm_ignored", "scaler_not_restored"}
 
 
 def main(argv=None):

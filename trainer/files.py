@@ -31,12 +31,14 @@ from trainer.housekeeping import Fail, device_name, triton_runs_on
 
 LOG = "log.jsonl"
 # Recipe keys added after runs had been saved without them, and the value those runs ran with.
-ADDED_LATER = {"step_mode": "host", "fused_norm": False}
+# (amp_dtype: runs begun before it was a flag autocast to bfloat16, on CUDA where they all ran)
+ADDED_LATER = {"step_mode": "host", "fused_norm": False, "amp_dtype": "bfloat16"}
 # Recipe keys that say how a step is run, not what it computes: the step mode (on CUDA every mode
-# runs the same fused AdamW on the same numbers; fast/step.py), torch.compile and the fused GELU ->
-# BatchNorm (the same model; their float rounding may differ, as on another GPU). --resume may change
-# them, so that a long run can take a faster way once it is tested.
-CHANGEABLE_ON_RESUME = {"step_mode", "compile", "fused_norm"}
+# runs the same fused AdamW on the same numbers; fast/step.py), torch.compile, the fused GELU ->
+# BatchNorm (the same model; their float rounding may differ, as on another GPU) and the precision.
+# --resume may change them, so that a long run can take a faster way once it is tested, or go on
+# on another GPU; a run keeps its own unless the flag is given.
+CHANGEABLE_ON_RESUME = {"step_mode", "compile", "fused_norm", "amp", "amp_dtype"}
 
 
 class WriteFailed(Fail):

@@ -98,18 +98,32 @@ def check_args(args, n_train_images):
         raise ValueError(f"--device {args.device}: there is no {device.type} device {device.index} here "
                          f"({backend.device_count()} in all, numbered from 0)")
     cuda = device.type == "cuda"
-    if getattr(args, "fast", False) is None:           # the default: the fast path on CUDA
-        args.fast = cuda
-    if hasattr(args, "step_mode") and args.step_mode is None:
-        # The fast path's default on CUDA: its graph step, tested there and 2.7x the host step at batch
-        # 64 (results/cifar10_convmixer_256_8_k9_p1); a graph of a torch.compile'd model is untested.
-        args.step_mode = "graph" if args.fast and cuda and not getattr(args, "compile", False) else "host"
     if getattr(args, "fused_norm", False) and not triton_runs_on(device):
         raise ValueError(f"--fused-norm runs Triton kernels, which need a CUDA device, not {args.device}")
     if getattr(args, "step_mode", "host") == "graph" and not cuda and (
             not args.resume or "step_mode" in getattr(args, "given", ())):
         raise ValueError(f"--step-mode graph needs a CUDA device (it replays a CUDA graph), "
                          f"not {args.device}")
+
+
+def check_precision(recipe, device):
+    """Fail in one line for a precision (--amp-dtype, --no-amp) that this device, or the fast path,
+    is not tested to run: the fast path's kernels and device step are tested in bfloat16 and float32,
+    not under float16's loss scaling; on Apple's MPS, the plain path in float32 is what runs."""
+    dtype = recipe.amp_dtype if recipe.amp else "float32"
+    if device.type == "mps" and (dtype != "float32" or recipe.fast or recipe.step_mode != "host"):
+        raise Fail("--device mps runs the plain path in float32 (autocast and fast/ are not tested on "
+                   "MPS): add --no-fast, and --no-amp or no --amp-dtype")
+    if dtype == "float16":
+        fast = [flag for flag, on in [("--fast", recipe.fast), (f"--step-mode {recipe.step_mode}",
+                recipe.step_mode != "host"), ("--fused-norm", recipe.fused_norm)] if on]
+        if fast:
+            raise Fail(f"--amp-dtype float16 (loss scaling) is not tested with {' '.join(fast)}: drop "
+                       f"{'it' if len(fast) == 1 else 'them'} (--no-fast, --step-mode host), or train in "
+                       f"--amp-dtype bfloat16 or --no-amp")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise Fail(f"--amp-dtype bfloat16: {device_name(device)} cannot compute in bfloat16; "
+                   f"use --amp-dtype float16")
 
 
 def triton_runs_on(device):
@@ -159,19 +173,27 @@ def non_finite_loss(steps_done, steps_per_epoch, out):
 # ---------------------------------------------------------------------------------------------
 # Progress, and stopping between steps on Ctrl-C or SIGTERM
 
-def announce(recipe, n_params, steps_per_epoch, where, out):
-    """The run's first line: what is trained, on what, where it is written, and from which code."""
+PRECISION = {"bfloat16": "bfloat16 autocast", "float16": "float16 autocast with loss scaling",
+             "float32": "float32"}
+
+
+def announce(recipe, n_params, steps_per_epoch, where, out, notes=()):
+    """The run's first line: what is trained, on what, in which precision, where it is written, and
+    from which code; then, a line each, why a GPU runs the plain path."""
     fast = ""
     if recipe.fast:          # Triton's version is recorded on CUDA only; None: it is not installed
         no_triton = where["versions"].get("triton", "") is None
         fast = " (fast path; no Triton here, so PyTorch's depthwise convs)" if no_triton else " (fast path)"
     print(f"ConvMixer-{recipe.hdim}/{recipe.depth} k{recipe.ksize} p{recipe.psize}: {n_params:,} parameters; "
           f"{recipe.n_train:,} training images, {steps_per_epoch} steps/epoch, {recipe.epochs} "
-          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{fast}"
+          f"epoch{'s' * (recipe.epochs != 1)} on {where['device']}{fast}, "
+          f"{PRECISION[recipe.amp_dtype if recipe.amp else 'float32']}"
           f"{'' if recipe.step_mode == 'host' else f', step mode {recipe.step_mode}'}"
           f"{', fused GELU -> BatchNorm' if recipe.fused_norm else ''}"
           f"{', torch.compile' if recipe.compile else ''}; "
           f"writing to {out}; code: {describe_code(where['code'])}", flush=True)
+    for note in notes:
+        print(note, flush=True)
 
 
 def describe_code(code):
