@@ -824,7 +824,7 @@ def test_evaluation_on_a_cpu_takes_batches_of_20_and_every_image_once_in_order()
         expected = model((images.float() / 255 - mean) / std)
     torch.testing.assert_close(logits, expected)                        # each image's own logits
     seen.clear()
-    train_cifar.predict(model, images, torch.device("cpu"), False, batch_size=1000)
+    train_cifar.predict(model, images, torch.device("cpu"), None, batch_size=1000)
     assert seen == [250]
 
 
@@ -840,7 +840,7 @@ def test_flip_tta_adds_the_logits_of_the_horizontal_mirror():
     labels = (plain + mirrored).argmax(1)
     labels[:100] = (plain + upside_down).argmax(1)[:100]     # half of them: what a vertical flip says
     expected = 100.0 * ((plain + mirrored).argmax(1) == labels).float().mean().item()
-    accuracy, flip_tta = train_cifar.evaluate(model, images, labels, torch.device("cpu"), False, flip_tta=True)
+    accuracy, flip_tta = train_cifar.evaluate(model, images, labels, torch.device("cpu"), None, flip_tta=True)
     assert flip_tta == pytest.approx(expected) and flip_tta < 100
     assert accuracy == pytest.approx(100.0 * (plain.argmax(1) == labels).float().mean().item())
 
