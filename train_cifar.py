@@ -6,10 +6,9 @@
     python train_cifar.py --eval runs/<run>/model.pt            # test accuracy of a saved model
 
 The defaults are the authors' CIFAR-10 settings for timm (README, "The training recipe"); the paper
-reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4). Evidence here (README,
-Results): the main command above, on an NVIDIA H200 (torch 2.11): 95.88% after epoch 200 (96.05%
-with flip-TTA), 32m01s of training, 6,346-6,472 img/s in --fast's default step (a CUDA graph);
-ConvMixer-256/8 k5 p2, 25 epochs at batch 512: 87.43% in 3m17s, 87.22% in 1m05s with --fast.
+reports 96.03% for ConvMixer-256/8 (k9, p1) after 200 epochs (Table 4); what the main command above
+gave here, and on what, is in results/README.md. The machine-dependent defaults (precision, the fast
+path, the device) are chosen in one place, choose_for_the_hardware.
 The file reads in the order of a run: settings, data and augmentation, model, optimizer, training
 loop, evaluation. Randomness is tied to (seed, epoch, image), so a run is the same with any
 --workers and an interrupted run (Ctrl-C, SIGTERM) resumes mid-epoch exactly. Writes to --out:
@@ -31,8 +30,8 @@ from convmixer import ConvMixer
 from trainer.files import (after_a_failed_write, read_model, read_resume_state, save_atomic, start_log,
                            triton_version, write_log)
 from trainer.housekeeping import (Fail, Interrupted, OneLineErrors, Progress, StopRequested, announce,
-                                  check_args, check_precision, data_workers, device_name, format_seconds, load_fake,
-                                  non_finite_loss, open_cifar10, parse_noting_given, start_loader)
+                                  check_args, check_precision, data_workers, device_name, format_seconds,
+                                  load_fake, non_finite_loss, open_cifar10, parse_noting_given, start_loader)
 from trainer.randaugment import RandAugment, randaugment_ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -43,9 +42,9 @@ N_TRAIN_IMAGES = 50_000
 CHECK_EVERY = 50        # --step-mode device or graph: steps between reads of the device's sums
 # What a run's result depends on; saved in last.pt and log.jsonl, reused by --resume.
 RECIPE_KEYS = ["hdim", "depth", "ksize", "psize", "epochs", "batch_size", "lr", "wd", "eps", "clip",
-               "label_smoothing", "amp", "amp_dtype", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup", "cutmix",
-               "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile", "step_mode",
-               "fused_norm"]
+               "label_smoothing", "amp", "amp_dtype", "scale", "ra_n", "ra_m", "ra_mstd", "ra_p", "mixup",
+               "cutmix", "reprob", "seed", "fake_data", "subset", "val", "n_train", "fast", "compile",
+               "step_mode", "fused_norm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +386,8 @@ class Run:
         self.save_every, self.last_save = 60 * args.save_every, time.time()
         if self.saved is None:          # from here on, --resume has a last.pt to continue from
             self.save_last()
-        announce(recipe, n_params, self.steps_per_epoch, where, self.out, getattr(args, "notes", []) if not state else [])
+        notes = [] if state else getattr(args, "notes", [])      # why a GPU runs the plain path
+        announce(recipe, n_params, self.steps_per_epoch, where, self.out, notes)
 
     def lr_at(self, steps_done):
         """The one-cycle learning rate of the step after which `steps_done` steps are done."""
@@ -449,9 +449,9 @@ class Run:
 
     def save_last(self):
         save_atomic({"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), "config": model_config(self.recipe), "recipe": vars(self.recipe), "epoch": self.epoch,
-                     "step": self.step, "sums": self.sums, "wall_seconds": self.wall_seconds(),
-                     "eval_every": self.eval_every},
+                     "scaler": self.scaler.state_dict(), "config": model_config(self.recipe),
+                     "recipe": vars(self.recipe), "epoch": self.epoch, "step": self.step, "sums": self.sums,
+                     "wall_seconds": self.wall_seconds(), "eval_every": self.eval_every},
                     self.out / "last.pt")
         self.saved, self.last_save = (self.epoch, self.step), time.time()
 
