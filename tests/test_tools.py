@@ -123,6 +123,40 @@ def test_gpu_check_bench_runs_the_benchmark_eager_fused_then_compiled(tmp_path):
     assert "BENCH_RUNS: no run named bench_fusednorm (bench bench_fused_norm bench_compile)" in typo.stdout
 
 
+def test_gpu_check_grid_tries_the_short_recipe_on_a_hold_out_and_seeds_report_the_test_set(tmp_path):
+    """The short recipe's trials train on 45,000 images and are judged on the 5,000 held out, never
+    on the test set; the chosen setting then runs once per seed on all the training images."""
+    grid = gpu_check_calls(tmp_path / "grid", "grid", GRID="official: lr:--lr=0.02,--wd=0.01")
+    assert grid == [["train_cifar.py", "--recipe", "short", "--val", "5000", "--data", "data", "--out",
+                     f"{tmp_path}/grid/out/grid_official"],
+                    ["train_cifar.py", "--recipe", "short", "--val", "5000", "--lr=0.02", "--wd=0.01", "--data",
+                     "data", "--out", f"{tmp_path}/grid/out/grid_lr"]]
+    seeds = gpu_check_calls(tmp_path / "seeds", "seeds", SEEDS="3 4", SEED_FLAGS="--lr 0.02")
+    assert seeds == [["train_cifar.py", "--recipe", "short", "--lr", "0.02", "--seed", str(s), "--data", "data",
+                      "--out", f"{tmp_path}/seeds/out/short_recipe_seed{s}"] for s in (3, 4)]
+
+
+@pytest.mark.slow
+def test_gpu_check_sigterm_needs_both_stop_lines_of_every_run(tmp_path):
+    """A stand-in trainer that stops as train_cifar.py does on SIGTERM passes; one that dies without
+    its stop lines fails the step."""
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.parent.mkdir(parents=True)
+    for lines, code in [("both", 0), ("none", 1)]:
+        stand_in.write_text("#!/bin/bash\n[ \"$1\" = -c ] && exit 0          # the version line\n" + (
+            'trap \'echo "SIGTERM: stopping after this step and saving last.pt"; '
+            'echo "SIGTERM: stopped at epoch 1, step 9; continue with --resume" >&2; exit 143\' TERM\n'
+            if lines == "both" else "trap 'exit 143' TERM\n") + "while true; do sleep 0.1; done\n")
+        stand_in.chmod(0o755)
+        env = dict(os.environ, PATH=f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}", SIGTERM_AFTER="1 2")
+        result = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path / lines), "sigterm"], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, result.stdout + result.stderr
+        summary = (tmp_path / lines / "sigterm.txt").read_text().splitlines()
+        assert summary == [f"sigterm after {s} s: exit 143, {2 if lines == 'both' else 0} of the 2 stop lines"
+                           for s in (1, 2)]
+
+
 def test_gpu_check_short_run_takes_its_flags_and_folder(tmp_path):
     calls = gpu_check_calls(tmp_path, "short", SHORT_FLAGS="--fused-norm --step-mode host",
                             SHORT_NAME="short_fused_norm")

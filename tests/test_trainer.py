@@ -679,6 +679,25 @@ def test_defaults_are_the_papers_cifar10_recipe():
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
 
 
+def test_the_short_recipe_is_the_official_scripts_quick_setting_and_a_given_flag_wins():
+    """--recipe short: ConvMixer-256/8 k5 p2, 25 epochs at batch 512 with the official
+    convmixer-cifar10 script's light regularization; any flag given with it keeps its value, and
+    --recipe paper is the defaults."""
+    import train_cifar
+    paper, short = (train_cifar.parse_args(["--device", "cpu", *flags]) for flags in ([], ["--recipe", "short"]))
+    named_paper = train_cifar.parse_args(["--device", "cpu", "--recipe", "paper"])
+    assert {**vars(named_paper), "given": None} == {**vars(paper), "given": None}
+    assert (short.hdim, short.depth, short.ksize, short.psize, short.epochs, short.batch_size) == (256, 8, 5, 2, 25, 512)
+    assert (short.lr, short.wd, short.scale, short.mixup, short.cutmix, short.reprob) == (0.05, 0.005, 1.0, 0, 0, 0)
+    assert (short.ra_n, short.ra_m, short.ra_mstd, short.ra_p) == (2, 4.0, 0.0, 1.0)
+    assert (short.label_smoothing, short.clip, short.eps, short.seed) == (paper.label_smoothing, paper.clip,
+                                                                         paper.eps, paper.seed)
+    tuned = train_cifar.parse_args(["--device", "cpu", "--recipe", "short", "--lr", "0.02", "--epochs", "30"])
+    assert (tuned.lr, tuned.epochs, tuned.wd) == (0.02, 30, 0.005)
+    assert tuned.n_train == 50_000 and train_cifar.parse_args(
+        ["--device", "cpu", "--recipe", "short", "--val", "5000"]).n_train == 45_000
+
+
 def test_on_cuda_the_default_step_is_the_fast_paths_graph_and_the_benchmark_names_each_path(monkeypatch):
     """The step-mode default, as a machine with CUDA gets it; the benchmark's paths give every flag
     in full, so that "plain" is not the CUDA default (the fast path) and "fast" not its graph step."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks of the project that need an NVIDIA GPU, with their output in one folder.
 #
-#   bash tools/gpu_check.sh OUT_DIR tests bench     # any of: tests bench short main, in this order
+#   bash tools/gpu_check.sh OUT_DIR tests bench grid sigterm   # any of the steps below, in this order
 #
 #   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d on its
 #          32 x 32 planes (k 9 and 8, 256 channels, batch 1, 64 and 512 in bfloat16; k 9 in
@@ -26,6 +26,15 @@
 #          (OUT_DIR/${SHORT_NAME:-short}), e.g. SHORT_FLAGS=--fused-norm SHORT_NAME=short_fused_norm;
 #          the precision of older GPUs (float16, loss scaling, the plain path), forced on this one:
 #          SHORT_FLAGS="--no-fast --amp-dtype float16" SHORT_NAME=short_float16
+#   grid   the short recipe's trials (--recipe short), each on a hold-out of 5,000 training images
+#          (--val 5000; the test set chooses nothing): GRID lists name:flags pairs (default below),
+#          e.g. GRID="official: lr0.02:--lr=0.02,--wd=0.01"; each run into OUT_DIR/grid_NAME, its
+#          console in grid_NAME.txt, and its val_acc printed: that, not the test accuracy, decides.
+#   seeds  the chosen short recipe on all 50,000 training images, reported on the test set, once per
+#          seed in SEEDS (default "0 1 2"): --recipe short $SEED_FLAGS into OUT_DIR/short_recipe_seedN.
+#   sigterm  three --step-mode graph runs (synthetic images) sent SIGTERM 20, 25 and 30 s after their
+#          start (SIGTERM_AFTER), each a few seconds into an epoch: every one must print both stop
+#          lines ("stopping after this step", "stopped at epoch") and exit 143 (OUT_DIR/sigterm.txt).
 #   main   the main job, train_cifar.py --hdim 256 --depth 8 --ksize 9 $MAIN_FLAGS, into
 #          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1} (console in its console.txt). A run
 #          already there, or else committed under results/ with that name, is continued (--resume).
@@ -42,7 +51,7 @@
 # --arch, another NVIDIA GPU): python fast/check_kernels.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-[ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [short] [main]"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [short] [grid] [seeds] [sigterm] [main]"; exit 2; }
 out_dir=$1; shift
 # folder:flags of each benchmark run (the fused GELU -> BatchNorm on its fast paths only),
 # torch.compile's last: it compiles the model afresh for every path and batch size
@@ -78,6 +87,38 @@ for step in "$@"; do
         python train_cifar.py --hdim 256 --depth 8 --ksize 5 --psize 2 --epochs 25 --batch-size 512 \
             --fast ${SHORT_FLAGS:-} --data data --out "$out_dir/$short" > "$out_dir/${short}_console.txt" 2>&1 \
             && rm -f "$out_dir/$short/last.pt" || status=1 ;;
+    grid)
+        # name:flags; the first is --recipe short unchanged
+        grid=${GRID:-"official: lr0.02:--lr=0.02 ra6:--ra-m=6 mix:--mixup=0.2,--cutmix=0.2"}
+        for trial in $grid; do
+            [[ $trial == *:* ]] || { echo "GRID: $trial is not name:flags"; status=1; continue; }
+            name=${trial%%:*}; flags=${trial#*:}
+            # shellcheck disable=SC2086  # the flags: a comma between two, = between a flag and its value
+            python train_cifar.py --recipe short --val 5000 ${flags//,/ } --data data \
+                --out "$out_dir/grid_$name" > "$out_dir/grid_$name.txt" 2>&1 || status=1
+            python -c "import json, sys; r = json.loads(open(sys.argv[1]).read().splitlines()[-1]); \
+print(sys.argv[2], 'val_acc', r.get('val_acc'))" "$out_dir/grid_$name/log.jsonl" "$name" || status=1
+            rm -f "$out_dir/grid_$name/last.pt" "$out_dir/grid_$name/model.pt"
+        done ;;
+    seeds)
+        for seed in ${SEEDS:-0 1 2}; do
+            # shellcheck disable=SC2086  # SEED_FLAGS is a list of flags
+            python train_cifar.py --recipe short ${SEED_FLAGS:-} --seed "$seed" --data data \
+                --out "$out_dir/short_recipe_seed$seed" > "$out_dir/short_recipe_seed$seed.txt" 2>&1 \
+                && rm -f "$out_dir/short_recipe_seed$seed/last.pt" || status=1
+            tail -1 "$out_dir/short_recipe_seed$seed.txt"
+        done ;;
+    sigterm)
+        for after in ${SIGTERM_AFTER:-20 25 30}; do
+            timeout --preserve-status --signal=TERM --kill-after=60 "$after" python -X faulthandler \
+                train_cifar.py --hdim 256 --depth 8 --ksize 9 --epochs 20 --fake-data 20000 --step-mode graph \
+                --progress-every 1 --out "$out_dir/sigterm_$after" > "$out_dir/sigterm_$after.txt" 2>&1
+            code=$?
+            lines=$(grep -c "SIGTERM: stopping after this step\|SIGTERM: stopped at epoch" "$out_dir/sigterm_$after.txt")
+            echo "sigterm after $after s: exit $code, $lines of the 2 stop lines" | tee -a "$out_dir/sigterm.txt"
+            [ "$code" -eq 143 ] && [ "$lines" -eq 2 ] || status=1
+            rm -rf "$out_dir/sigterm_$after"
+        done ;;
     main)
         name=${RUN_NAME:-cifar10_convmixer_256_8_k9_p1}
         run="$out_dir/$name"
@@ -117,7 +158,7 @@ print(f"main: not finished; last.pt holds epoch {s['epoch'] + 1}, step {s['step'
 EOF
         fi ;;
     *)
-        echo "unknown step $step (tests, bench, short, main)"; exit 2 ;;
+        echo "unknown step $step (tests, bench, short, grid, seeds, sigterm, main)"; exit 2 ;;
     esac
     echo "$step: $(( $(date +%s) - start )) s, status so far $status" | tee -a "$out_dir/steps.txt"
 done

@@ -217,6 +217,8 @@ MUTANTS = [
     Mutant("graph_with_compile", "the default step is a CUDA graph with --compile too (untested there)",
            "train_cifar.py", '"graph" if args.fast and capability and not args.compile else "host"',
            '"graph" if args.fast and capability else "host"', "default_step_is_the_fast"),
+    Mutant("recipe_overrides_given_flags", "--recipe short overwrites the flags given with it", "train_cifar.py",
+           "        if flag not in args.given:\n", "        if True:\n", "short_recipe"),
     # The precision chosen by the hardware, and float16's loss scaling (train_cifar.py)
     Mutant("bfloat16_on_old_gpus", "bfloat16 autocast on GPUs without native bfloat16 (T4, V100)",
            "train_cifar.py", 'else "bfloat16" if native_bfloat16 else "float16"', 'else "bfloat16"',
