@@ -3,6 +3,11 @@
 #
 #   bash tools/gpu_check.sh OUT_DIR tests bench grid sigterm   # any of the steps below, in this order
 #
+# What waits for a GPU, in order of value per minute (CIFAR-10 in ./data for grid and seeds):
+#   BENCH_RUNS="bench bench_fused_norm" bash tools/gpu_check.sh OUT_DIR tests bench grid sigterm
+#   SHORT_FLAGS="--no-fast --amp-dtype float16" SHORT_NAME=short_float16 bash tools/gpu_check.sh OUT_DIR short
+#   SEED_FLAGS="<the grid's best trial>" bash tools/gpu_check.sh OUT_DIR seeds
+#
 #   tests  the GPU tests of what the training path runs: the Triton kernels vs nn.Conv2d on its
 #          32 x 32 planes (k 9 and 8, 256 channels, batch 1, 64 and 512 in bfloat16; k 9 in
 #          float32; partial stacks of planes), the fused GELU -> BatchNorm (--fused-norm) vs the
