@@ -12,7 +12,14 @@ How each survives damage:
   last line, which --resume drops (last.pt is the authority on where the run stands) and which
   readers of a finished log skip;
 - a write that fails (ENOSPC, ...) stops the run with one line (WriteFailed) that says what is
-  intact; the earlier files are untouched.
+  intact and how to continue; the earlier files are untouched; a truncated or foreign checkpoint
+  given to --resume or --eval is named in one line.
+
+last.pt is written at the end of every epoch and every --save-every minutes within one, so that a
+hard kill loses at most that much. The tests (tests/test_crash_safety.py) kill a small CPU run with
+SIGKILL at 8 instants drawn at random and inside each kind of write, resume it each time and compare
+the end with an uninterrupted run's, tensor for tensor; they fill a real 48 KiB filesystem (where
+they may mount one) and inject ENOSPC into each kind of write.
 """
 import contextlib
 import errno
