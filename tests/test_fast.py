@@ -263,11 +263,11 @@ def test_without_triton_the_fast_path_says_it_keeps_pytorchs_depthwise_convs(cap
     installed = importlib.util.find_spec("triton")
     assert triton_version() == (importlib.import_module("triton").__version__ if installed else None)
     recipe = Namespace(hdim=256, depth=8, ksize=9, psize=1, n_train=50_000, epochs=200, fast=True,
-                       step_mode="host", compile=False, fused_norm=False)
+                       step_mode="host", compile=False, fused_norm=False, amp=True, amp_dtype="bfloat16")
     for versions, says in [({"triton": None}, " (fast path; no Triton here, so PyTorch's depthwise convs)"),
                            ({"triton": "3.6.0"}, " (fast path)"), ({}, " (fast path)")]:      # {}: a CPU
         announce(recipe, 706_058, 781, {"device": "GPU", "code": None, "versions": versions}, "runs/x")
-        assert f" on GPU{says}; writing to runs/x" in capsys.readouterr().out
+        assert f" on GPU{says}, bfloat16 autocast; writing to runs/x" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels are swapped in on CUDA")
@@ -299,7 +299,7 @@ def test_benchmark_measures_every_path_at_both_batch_sizes_in_one_file(tmp_path)
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
-    assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "amp": False, "compile": False,
+    assert bench["config"] == {"hdim": 16, "depth": 1, "ksize": 3, "psize": 4, "amp_dtype": "float32", "compile": False,
                                "fused_norm": False, "workers": 0, "steps": 2}
     for b in (8, 16):
         section = bench[f"batch_{b}"]
