@@ -294,7 +294,7 @@ def main(argv=None):
         if code != 0:
             print("the selected tests fail on the unchanged code; fix that first")
             return 2
-        survived = []
+        survived, slow_only_names = [], set()
         for m in chosen:
             folder = Path(tmp) / m.name
             copy_project(folder)
@@ -310,10 +310,14 @@ def main(argv=None):
             verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else "slow only" if slow_only \
                 else f"error (pytest exit {code})"
             print(f"{m.name:32s} {verdict:9s} {time.time() - start:5.0f} s  {m.what}  [{summary}]", flush=True)
-            if code != 1 and not (slow_only and (m.file not in QUICK_FILES or m.name in WHOLE_RUN_ONLY)):
+            if slow_only and (m.file not in QUICK_FILES or m.name in WHOLE_RUN_ONLY):
+                slow_only_names.add(m.name)
+            elif code != 1:
                 survived.append(m.name)
             shutil.rmtree(folder)
-    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants killed"
+    slow_only = [m.name for m in chosen if m.name in slow_only_names]
+    print(f"{len(chosen) - len(survived) - len(slow_only)} of {len(chosen)} mutants killed"
+          + (f" by the quick check; seen by slow tests only: {', '.join(slow_only)}" if slow_only else "")
           + (f"; not killed: {', '.join(survived)}" if survived else ""))
     return 1 if survived else 0
 
