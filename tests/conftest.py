@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: the reference runs that several tests compare with (made once
-and only read), the fast/ modules, and Triton's interpreter for their kernels on a CPU.
+for all of tests/ and only read), the fast/ modules, and Triton's interpreter for their kernels on a
+CPU.
 """
 import os
 import signal
@@ -16,14 +17,14 @@ if not torch.cuda.is_available():
 from helpers import TINY, run_script, start_or_resume  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     result = run_script(*TINY, "--workers", "0", "--out", out)
     return out, result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def killable_reference(tmp_path_factory):
     """The uninterrupted run, as the killed runs go (last.pt after every step), and how long its start
     (imports, data, model) and its training with the final evaluation took. Not up to the process's
