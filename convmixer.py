@@ -106,9 +106,9 @@ def ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *,
     )
 
 
-# The published models, with the settings of their released weights: ImageNet-1k top-1 81.37%,
-# 80.16% and 76.94% (as listed for these weights in mmclassification's ConvMixer README; the first
-# two also in the official one). pretrained=True loads the weights (PRETRAINED, below); with another
+# The published models, with the settings of their released weights: ImageNet-1k top-1 81.37%
+# (1536/20; the official README), 80.16% (768/32; the paper) and 76.94% (1024/20), all three as
+# mmpretrain's ConvMixer README lists them for these weights. pretrained=True loads the weights (PRETRAINED, below); with another
 # n_classes, all but the classifier, whose new head stays freshly initialized, as for fine-tuning.
 
 def convmixer_1536_20(n_classes=1000, pretrained=False, progress=True, **kwargs):

@@ -1,21 +1,21 @@
-"""train_cifar.py's training augmentation for a whole batch at once, on the GPU.
+"""train_cifar.py's training augmentation for a whole batch at once, on the GPU (--fast).
 
 train_cifar.train_transform (the readable reference) augments one image at a time in CPU worker
-processes: RandomResizedCrop -> horizontal flip -> RandAugment -> normalize -> RandomErasing. Its
-speed is bounded by the CPU cores. torchvision's v2 transforms run on a GPU batch too, but draw one
-set of random parameters per call, so every image of the batch would get the same crop, ops and
-erased box: not the recipe. BatchAugment draws every parameter per image, from the same
-distributions (test_convmixer.py compares them), and applies them batched:
+processes: RandomResizedCrop -> horizontal flip -> RandAugment -> normalize, and RandomErasing
+after MixUp/CutMix. Its speed is bounded by the CPU cores. torchvision's v2 transforms run on a GPU
+batch too, but draw one set of random parameters per call, so every image of the batch would get
+the same crop, ops and erased box: not the recipe. BatchAugment draws every parameter per image,
+from the same distributions (tests/test_augment.py compares them), and applies them batched:
 
 - the crop is a per-image resampling (bilinear or bicubic, as drawn), a product of two small
   weight matrices per image, with the weights of torch's antialiased resize;
 - RandAugment groups the images by the op they drew; each group goes through a batched twin of
   the op in train_cifar.RANDAUGMENT_OPS (BATCHED_OPS below), with every image's own argument,
   computed by the same magnitude rule;
-- the erasing is a per-image rectangle mask filled with N(0, 1) noise.
+- the erasing (BatchAugment.erase, after mixing) is a per-image rectangle of N(0, 1) noise.
 
     augment = BatchAugment(train_cifar.RANDAUGMENT_OPS, mean, std)   # other defaults: the paper's
-    x = augment(images_uint8, generator)          # (B, 3, 32, 32) uint8 -> normalized float32
+    x = augment.erase(augment(images_uint8, generator))   # (B, 3, 32, 32) uint8 -> normalized float32
 """
 import math
 
@@ -23,7 +23,7 @@ import torch
 from torch.nn.functional import grid_sample
 from torchvision.transforms.v2 import functional as F
 
-AUGMENT_CHUNK_IMAGES = 8192     # device_batches augments this many images at a time (~100 MB of floats)
+AUGMENT_CHUNK_IMAGES = 8192     # DeviceData augments this many images at a time (~100 MB of floats)
 
 
 def uniform(shape, low, high, generator, device):
@@ -107,7 +107,7 @@ def blend(images, degenerate, factor):
 
 
 def enhance_factor(a):
-    return (1 + a.double()).clamp(min=0.1)          # as trainer/randaugment.py's enhance_factor
+    return (1 + a.double()).clamp(min=0.1)          # as randaugment.py's enhance_factor
 
 
 def sharpness(images, a):
@@ -242,7 +242,7 @@ class BatchAugment:
         return out
 
     def __call__(self, images, generator, params=None):
-        """(B, 3, H, W) uint8 on any device -> (B, 3, *size) normalized float32."""
+        """(B, 3, H, W) uint8 on any device -> (B, 3, *size) normalized float32, not yet erased."""
         p = params if params is not None else self.sample(len(images), generator, images.device)
         x = resized_crop(images, p["top"], p["left"], p["h"], p["w"], p["bicubic"], self.size)
         x = torch.where(per_image(p["flip"]), x.flip(-1), x)                  # horizontal: width
@@ -250,7 +250,12 @@ class BatchAugment:
             x = self.randaugment(x, p[f"op{k}"], p[f"apply{k}"], p[f"magnitude{k}"], p[f"negative{k}"])
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        x = (x.float() / 255 - mean) / std
+        return (x.float() / 255 - mean) / std
+
+    def erase(self, x, generator=None, params=None):
+        """RandomErasing of each image of a (mixed) batch in its own box, filled with N(0, 1) noise;
+        generator None: the device's default generator."""
+        p = params if params is not None else self.sample_erasing(len(x), generator, x.device)
         rows = torch.arange(self.size[0], device=x.device)[None, :, None]
         cols = torch.arange(self.size[1], device=x.device)[None, None, :]
         top, left = p["erase_top"][:, None, None], p["erase_left"][:, None, None]
@@ -260,21 +265,26 @@ class BatchAugment:
         return torch.where(box[:, None], noise, x)
 
 
-def device_batches(plan, first_step, images, labels, augment, chunk_images=None):
-    """--fast: batches cut from the data set held on the device and augmented there, each image
-    with its own random parameters. Yields (B, 3, 32, 32) float, (B,).
+class DeviceData:
+    """--fast: the uint8 training images held on the device and augmented there, a chunk of batches
+    at a time: a call issues the same operations and host syncs for 8,192 images as for 512."""
 
-    The augmentation runs on chunks of several batches: a call issues the same operations and host
-    syncs for 8,192 images as for 512 (tested). A chunk's randomness comes from the seed of its
-    first step (plan.augment_seeds), so a resumed epoch rebuilds its chunk exactly."""
-    generator = torch.Generator(images.device)
-    order = torch.tensor(plan.order, device=images.device)
-    b = plan.batch_size
-    chunk = max(1, (chunk_images or AUGMENT_CHUNK_IMAGES) // b)       # steps per chunk
-    for start in range(first_step - first_step % chunk, plan.steps, chunk):
-        end = min(start + chunk, plan.steps)
-        index = order[start * b:end * b]
-        generator.manual_seed(plan.augment_seeds[start])
-        x, y = augment(images[index], generator), labels[index]   # (chunk * B, 3, 32, 32), (chunk * B,)
-        for step in range(max(start, first_step), end):
-            yield x[(step - start) * b:(step - start + 1) * b], y[(step - start) * b:(step - start + 1) * b]
+    def __init__(self, images, labels, args, ops, mean, std, device):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.augment = BatchAugment(ops, mean, std, scale=args.scale, ra_n=args.ra_n, ra_m=args.ra_m,
+                                    ra_mstd=args.ra_mstd, ra_p=args.ra_p, reprob=args.reprob)
+
+    def batches(self, order, image_seeds, batch_size, steps, chunk_images=None):
+        """The epoch's (B, 3, 32, 32) float images, not yet erased, and (B,) labels. A chunk's draws
+        come from the seed of its first image."""
+        generator, order = torch.Generator(self.images.device), order.to(self.images.device)
+        b, chunk = batch_size, max(1, (chunk_images or AUGMENT_CHUNK_IMAGES) // batch_size)   # steps a chunk
+        for start in range(0, steps, chunk):
+            index = order[start * b:min(start + chunk, steps) * b]
+            generator.manual_seed(int(image_seeds[start * b]))
+            x, y = self.augment(self.images[index], generator), self.labels[index]
+            for s in range(0, len(index), b):
+                yield x[s:s + b], y[s:s + b]
+
+    def erase(self, images, p):
+        return self.augment.erase(images) if p > 0 else images

@@ -1,21 +1,19 @@
-"""Training throughput of train_cifar.py's paths, at the paper's batch size and a large one, on
+"""Training throughput of train_cifar.py's two paths, at the paper's batch size and a large one, on
 synthetic data; everything into one benchmark.json.
 
     python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --out runs/benchmark     # batch 64 and 512
-    python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 512 --paths plain fast
+    python fast/benchmark.py --hdim 256 --depth 8 --ksize 9 --batch-sizes 512 --paths plain
 
-Paths: "plain" (the reference: per-image CPU augmentation, PyTorch's depthwise convolution, the loss
-checked on the host every step), "fast" (--fast --step-mode host: batch augmentation on the device,
-the Triton depthwise convolution on CUDA), "fast_device" (--fast --step-mode device: no host sync
-per step), "fast_graph" (--fast --step-mode graph, --fast's default on CUDA: the step replayed as
-one CUDA graph; CUDA only); --compile adds torch.compile of the model to each, --fused-norm the
-trainer's --fused-norm (fast/gelu_batchnorm.py, not yet part of --fast) to each fast path. For each
-batch size and path: images per second for the whole step (data, MixUp/CutMix, forward, backward,
-clipping, AdamW) and for the model alone; the fast paths' augmentation alone; a torch.profiler table
-of the kernels (on a CPU, the operators) that take the most time, how many kernels a step launches,
-and the GPU-busy fraction of a step; the estimated training time of the 200-epoch recipe (10 million
-images) at that speed; on CUDA, one depthwise layer per algorithm. benchmark.json is written after
-each path, so a run cut short keeps what it measured.
+Paths: "plain" (--no-fast: per-image CPU augmentation in worker processes, PyTorch's depthwise
+convolution, train_cifar.train_step) and "fast" (--fast: batch augmentation on the device and, on
+CUDA, the Triton depthwise kernels in fast/step.py's CUDA graph); --compile runs the model through
+torch.compile on both (the trainer has no such flag: this measures whether it would pay). For each
+batch size and path: images per second for the whole step (data, MixUp/CutMix, erasing, forward,
+backward, clipping, AdamW) and for the model alone; the fast path's augmentation alone; a
+torch.profiler table of the kernels (on a CPU, the operators) that take the most time, how many
+kernels a step launches, and the GPU-busy fraction of a step; the 200-epoch recipe's training time
+at that speed; on CUDA, one depthwise layer per algorithm. benchmark.json is written after each
+path, so a run cut short keeps what it measured.
 """
 import argparse
 import json
@@ -30,12 +28,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_cifar  # noqa: E402
 from fast.augment import AUGMENT_CHUNK_IMAGES  # noqa: E402
-from trainer.files import save_atomic  # noqa: E402
-from trainer.housekeeping import device_name  # noqa: E402
+from housekeeping import save_atomic, where_it_runs  # noqa: E402
 
-# Each path's flags in full: on CUDA the trainer's defaults are --fast and its graph step.
-PATHS = {"plain": ["--no-fast", "--step-mode", "host"], "fast": ["--fast", "--step-mode", "host"],
-         "fast_device": ["--fast", "--step-mode", "device"], "fast_graph": ["--fast", "--step-mode", "graph"]}
+PATHS = {"plain": ["--no-fast"], "fast": ["--fast"]}      # each path's flag, whatever the default
 
 
 def synchronize(device):
@@ -119,14 +114,12 @@ def amp_dtype(args):
     return recipe_for(args, args.batch_sizes[0], "plain").amp_dtype
 
 
-def recipe_for(args, batch_size, path):
+def recipe_for(args, batch_size, path, n_images=50_000):
     """train_cifar's recipe for this config, batch size and path, as its flags would give it."""
     argv = ["--hdim", args.hdim, "--depth", args.depth, "--ksize", args.ksize, "--psize", args.psize,
             "--batch-size", batch_size, "--device", args.device, "--workers", args.workers,
-            "--seed", args.seed, *PATHS[path], *(["--compile"] if args.compile else []),
-            *(["--fused-norm"] if args.fused_norm and path != "plain" else [])]
+            "--seed", args.seed, "--fake-data", n_images, *PATHS[path]]
     return train_cifar.parse_args([str(a) for a in argv])
-
 
 WARMUP_STEPS = 10      # before each timing: compiling, capturing a graph, the allocator's first steps
 
@@ -137,38 +130,34 @@ def profiled_steps(args, batch_size):
     return min(args.steps, max(1, AUGMENT_CHUNK_IMAGES // batch_size))
 
 
-def measure_path(args, path, recipe, device, images, labels, plan):
+def measure_path(args, path, recipe, device, images, labels):
     """Whole-step and model-only images per second, and a profile, of one path at one batch size."""
     b, warmup = recipe.batch_size, WARMUP_STEPS
-    model, net = train_cifar.prepare_model(recipe, device)
-    optimizer = train_cifar.make_optimizer(model, recipe, fused=recipe.step_mode != "host" or None)
+    model = train_cifar.build_model(train_cifar.model_config(recipe)).to(device)
+    net = torch.compile(model) if args.compile else model
+    optimizer = train_cifar.make_optimizer(model, recipe)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    mix = train_cifar.batch_mixing(recipe)
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp_dtype == "float16")
+    amp = train_cifar.AUTOCAST[recipe.amp_dtype]       # as the trainer chooses it for this device
+    step = None
+    if recipe.fast:
+        from fast.step import make_fast_step
+        step, note = make_fast_step(net, optimizer, criterion, amp, recipe, device)
+        assert note is None, note
+    step = step or (lambda x, y, lr: train_cifar.train_step(net, optimizer, scaler, criterion, x, y, lr, amp,
+                                                            recipe.clip))
     data = train_cifar.training_data(recipe, images, labels, device)
-    amp = train_cifar.autocast_dtype(recipe)           # as the trainer chooses it for this device
-    if recipe.step_mode == "host":
-        def step(x, target):
-            train_cifar.train_step(net, optimizer, criterion, x, target, recipe.lr, amp, recipe.clip)
-    else:
-        from fast.step import make_device_step
-        run = argparse.Namespace(net=net, optimizer=optimizer, criterion=criterion, amp=amp, recipe=recipe,
-                                 device=device)
-        device_step = make_device_step(run, graph=recipe.step_mode == "graph")
-        device_step.start(0, 0.0, 0.0)
+    batches = train_cifar.epoch_batches(recipe, data, 0, device)
 
-        def step(x, target):
-            device_step(x, target, recipe.lr)
-    batches = iter(train_cifar.epoch_batches(recipe, plan, 0, data, args.workers, device))
-
-    def whole_steps(step_range):                   # data, mixing, forward, backward, AdamW
+    def whole_steps(step_range):                   # data, mixing, erasing, forward, backward, AdamW
         for _ in step_range:
-            step(*mix(*next(batches)))
+            step(*next(batches), recipe.lr)
 
-    fixed_x, fixed_y = mix(*next(iter(train_cifar.epoch_batches(recipe, plan, 0, data, 0, device))))
+    fixed_x, fixed_y = next(train_cifar.epoch_batches(recipe, data, 0, device))
 
     def model_steps(step_range):                   # the same batch again and again
         for _ in step_range:
-            step(fixed_x, fixed_y)
+            step(fixed_x, fixed_y, recipe.lr)
 
     def images_per_second(run_steps):
         run_steps(range(warmup))
@@ -184,16 +173,16 @@ def measure_path(args, path, recipe, device, images, labels, plan):
     result["model_only_img_s"] = images_per_second(model_steps)
     if recipe.fast:                    # the data path alone, as training runs it
         def augment_epoch():
-            for _ in train_cifar.epoch_batches(recipe, plan, 0, data, 0, device):
+            for _ in train_cifar.epoch_batches(recipe, data, 0, device):
                 pass
         augment_epoch()
         synchronize(device)
         t = time.perf_counter()
         augment_epoch()
         synchronize(device)
-        result["augment_only_img_s"] = plan.steps * b / (time.perf_counter() - t)
+        result["augment_only_img_s"] = recipe.n_train // b * b / (time.perf_counter() - t)
     # The 200-epoch recipe trains on 200 x 50,000 images: its training time at this speed.
-    result["recipe_training_seconds"] = recipe.epochs * train_cifar.N_TRAIN_IMAGES / result["img_s"]
+    result["recipe_training_seconds"] = 200 * 50_000 / result["img_s"]
     return result
 
 
@@ -201,21 +190,19 @@ def benchmark(args):
     device = torch.device(args.device)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}_benchmark")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": device_name(device), "torch": torch.__version__,
+    result = {**where_it_runs(device),
               "config": {"hdim": args.hdim, "depth": args.depth, "ksize": args.ksize, "psize": args.psize,
-                         "amp_dtype": amp_dtype(args), "compile": args.compile,
-                         "fused_norm": args.fused_norm, "workers": args.workers, "steps": args.steps}}
-    paths = args.paths or [p for p in PATHS if p != "fast_graph" or device.type == "cuda"]
+                         "amp_dtype": amp_dtype(args), "compile": args.compile, "workers": args.workers,
+                         "steps": args.steps}}
     for b in args.batch_sizes:
-        n_images = b * (WARMUP_STEPS + args.steps + profiled_steps(args, b) + 1)
+        n_images = b * (WARMUP_STEPS + 2 * args.steps + profiled_steps(args, b) + 1)
         g = torch.Generator().manual_seed(args.seed)
         images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, train_cifar.N_CLASSES, (n_images,), generator=g)
-        plan = train_cifar.EpochPlan(n_images, b, args.seed, 0)
         section = result.setdefault(f"batch_{b}", {})
-        for path in paths:
-            recipe = recipe_for(args, b, path)
-            section[path] = measure_path(args, path, recipe, device, images, labels, plan)
+        for path in args.paths:
+            recipe = recipe_for(args, b, path, n_images)
+            section[path] = measure_path(args, path, recipe, device, images, labels)
             m = section[path]
             print(f"batch {b:4d} {path:11s}: {m['img_s']:9,.0f} img/s whole step, "
                   f"{m['model_only_img_s']:9,.0f} model only; the 200-epoch recipe's training in "
@@ -239,11 +226,9 @@ def parse_args(argv=None):
     p.add_argument("--ksize", type=int, default=9)
     p.add_argument("--psize", type=int, default=1)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
-    p.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: all that run on the device")
+    p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on every path")
-    p.add_argument("--fused-norm", action="store_true",
-                   help="the fast paths with the trainer's --fused-norm (GELU -> BatchNorm fused; CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the plain path's")
     p.add_argument("--seed", type=int, default=0)

@@ -7,8 +7,7 @@ Triton compiles for a named GPU target without that GPU being present (ptxas com
 so this finds what the CPU interpreter that runs the correctness tests cannot: code that does not
 compile for the GPU, registers spilled to local memory, more shared memory than a block of that GPU
 can have, and matrix products that do not become tensor-core instructions. It compiles exactly the
-launches fast/depthwise.py makes (forward_launch, weight_grad_launch) and fast/gelu_batchnorm.py's
-seven for the shapes below, with the argument specializations Triton applies at run time
+launches fast/depthwise.py makes (forward_launch, weight_grad_launch) for the shapes below, with the argument specializations Triton applies at run time
 (16-divisible sizes, 16-aligned pointers).
 
 One line per kernel: registers per thread, spilled bytes, shared memory, SASS instructions (the
@@ -19,7 +18,9 @@ bfloat16 "toeplitz" kernel has no MMA instruction. test_convmixer.py runs it for
 Measured with Triton 3.8.0 (results/check_kernels.txt): clean for sm_80, sm_90 and sm_120; sm_86,
 sm_89 and sm_100 spill 8 bytes in one or two launches, none of them the design card's; on sm_75
 (T4), which has no bfloat16 tensor cores, the bfloat16 "toeplitz" kernels become plain
-multiply-adds and spill. fast/gelu_batchnorm.py's seven kernels compile cleanly for all seven targets.
+multiply-adds and spill. Kernels wider than the "toeplitz" tile (k 17 and up at p 2, 33 and up at
+p 1) take "direct", whose k x k loops are unrolled: they are not among the cases, since they compile
+slowly (k 17: about half a minute on 2 CPU cores; k 31: minutes).
 """
 import argparse
 import os
@@ -38,7 +39,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fast import depthwise as fast_depthwise  # noqa: E402
-from fast import gelu_batchnorm  # noqa: E402
 
 # Shared memory a block may have, by compute capability (CUDA C++ Programming Guide, technical
 # specifications): T4; A100; RTX 30, A10; RTX 40, L4, L40S; H100, H200; B200; RTX 50.
@@ -48,7 +48,7 @@ TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 # (what, batch, channels, side, kernel size, dtype, algorithm)
 CASES = [
     ("ConvMixer-256/8 k9 p1, CIFAR-10 (the design card)", 512, 256, 32, 9, torch.bfloat16, "auto"),
-    ("the same, float32 (--no-amp)", 512, 256, 32, 9, torch.float32, "auto"),
+    ("the same, float32 (--amp-dtype float32)", 512, 256, 32, 9, torch.float32, "auto"),
     ("the same, 'direct' (benchmark breakdown)", 512, 256, 32, 9, torch.bfloat16, "direct"),
     ("ConvMixer-256/8 k5 p2, CIFAR-10", 512, 256, 16, 5, torch.bfloat16, "auto"),
     ("even kernel size", 64, 256, 32, 8, torch.bfloat16, "auto"),
@@ -95,15 +95,6 @@ def inspect(compiled):
     return field("REG"), field("STACK") + field("LOCAL"), compiled.metadata.shared, len(instructions), mma
 
 
-# (what, batch, channels, side, dtype) for fast/gelu_batchnorm.py, whose launches do not depend on k
-NORM_CASES = [
-    ("ConvMixer-256/8 p1, CIFAR-10: GELU -> BatchNorm", 512, 256, 32, torch.bfloat16),
-    ("the same at the paper's batch size, 64", 64, 256, 32, torch.bfloat16),
-    ("the same, float32 (--no-amp)", 512, 256, 32, torch.float32),
-    ("large planes: 224 x 224 at p1 (loops over a plane)", 16, 64, 224, torch.bfloat16),
-]
-
-
 def launches(batch, channels, side, k, dtype, algorithm):
     """The two kernel launches of a forward + backward (the input gradient reuses the forward)."""
     meta = dict(device="meta", dtype=dtype)
@@ -116,25 +107,7 @@ def launches(batch, channels, side, k, dtype, algorithm):
             ("weight grad", fast_depthwise.weight_grad_launch(x, x, partial, k, pad, pad, algorithm, 16))]
 
 
-def norm_launches(batch, channels, side, dtype):
-    """The seven launches of a fused GELU -> BatchNorm (+ skip connection) forward + backward."""
-    z = torch.empty(batch, channels, side, side, device="meta", dtype=dtype)
-    plane = torch.empty(batch, channels, device="meta")           # per-plane sums, float32
-    c = torch.empty(channels, device="meta")                      # per-channel values, float32
-    count = torch.empty((), device="meta", dtype=torch.int64)     # num_batches_tracked
-    n = batch * side * side
-    return [("statistics", gelu_batchnorm.stats_launch(z, plane, plane)),
-            ("channel statistics",
-             gelu_batchnorm.channel_stats_launch(plane, plane, c, 1e-5, c, c, c, side * side)),
-            ("normalize + skip", gelu_batchnorm.normalize_launch(z, c, c, c, z, z)),
-            ("running statistics", gelu_batchnorm.running_stats_launch(c, c, count, c, c, 0.1, n / (n - 1))),
-            ("gradient sums", gelu_batchnorm.grad_sums_launch(z, z, c, plane, plane)),
-            ("gradient coefficients", gelu_batchnorm.grad_coefficients_launch(plane, plane, c, c, 1e-5, n,
-                                                                             c, c, c, c, c)),
-            ("input gradient", gelu_batchnorm.grad_input_launch(z, z, c, c, c, c, z))]
-
-
-def main(cases=CASES, arch=90, norm_cases=NORM_CASES):
+def main(cases=CASES, arch=90):
     """Compile and inspect every case's launches for sm_`arch`; 0 if all are clean, else 1."""
     if arch not in MAX_SHARED_KB:
         raise SystemExit(f"--arch {arch}: not one of {', '.join(map(str, MAX_SHARED_KB))}")
@@ -143,8 +116,6 @@ def main(cases=CASES, arch=90, norm_cases=NORM_CASES):
     print(f"{'kernel':<42} {'regs':>4} {'spill':>5} {'smem':>6} {'sass':>6} {'mma':>4}  case")
     every_launch = [(what, dtype, launch) for what, batch, channels, side, k, dtype, algorithm in cases
                     for launch in launches(batch, channels, side, k, dtype, algorithm)]
-    every_launch += [(what, dtype, launch) for what, batch, channels, side, dtype in norm_cases
-                     for launch in norm_launches(batch, channels, side, dtype)]
     for what, dtype, (part, (kernel, _, args, constexprs)) in every_launch:
         name = f"{kernel.fn.__name__.strip('_')} {TRITON_TYPES[dtype]}"
         sig, attrs = signature(kernel, args, constexprs)

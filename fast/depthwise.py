@@ -1,8 +1,8 @@
 """A faster depthwise convolution for ConvMixer's k x k spatial mixing, written in Triton.
 
-Why: PyTorch's native depthwise kernels are slow for large kernels (the official ConvMixer
-repository calls them poorly optimized); `fast/benchmark.py` profiles where a step's
-GPU time goes. The convolution itself is simple: each output pixel is the sum of k*k input
+Why: PyTorch's native depthwise kernels are slow for large kernels (in locuslab/convmixer issue
+#12 the authors call the model "quite slow" and say they are looking into faster large-kernel
+depthwise convolutions); `fast/benchmark.py` profiles where a step's GPU time goes. The convolution itself is simple: each output pixel is the sum of k*k input
 pixels of the same channel, each times one weight:
 
     forward     y[b,c,i,j]  = bias[c] + sum_{u,v} w[c,u,v] * x[b,c, i+u-pad, j+v-pad]
@@ -30,11 +30,12 @@ are unaffected and convmixer.py stays plain PyTorch. Padding is nn.Conv2d's padd
 (for even k the extra row/column is at the bottom/right). Accumulation is in float32 whatever the
 input dtype. The ops are registered with torch.library, so torch.compile keeps them in its graph.
 
-Tests: test_convmixer.py compares output and both gradients with nn.Conv2d; on a CPU it runs the
+Tests: tests/test_fast.py compares output and both gradients with nn.Conv2d; on a CPU it runs the
 same kernels in Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported).
 fast/check_kernels.py compiles the launches below for an H100 on any machine and checks for
 spilled registers, shared memory and tensor-core instructions (it runs in the tests too).
 """
+import contextlib
 import functools
 from typing import Optional
 
@@ -67,13 +68,16 @@ def _images_per_program(batch, block_h, dtype):
     return min(triton.next_power_of_2(batch), max(1, rows // block_h))
 
 
-def _algorithm(width, requested):
+def _algorithm(width, requested, k=1):
+    """"toeplitz" needs whole rows in a tile and the k taps of a kernel row within its width: its
+    weight gradient computes dw[u, v] for v < BLOCK_W only."""
+    fits = width <= TOEPLITZ_MAX_WIDTH and k <= _blocks(1, width, "toeplitz")[1]
     if requested == "auto":
-        return "toeplitz" if 9 <= width <= TOEPLITZ_MAX_WIDTH else "direct"
-    if requested not in ("direct", "toeplitz") or (requested == "toeplitz" and width > TOEPLITZ_MAX_WIDTH):
+        return "toeplitz" if 9 <= width and fits else "direct"
+    if requested not in ("direct", "toeplitz") or (requested == "toeplitz" and not fits):
         raise ValueError(f"depthwise_conv: algorithm {requested!r} is not 'auto', 'direct' or "
-                         f"'toeplitz' (the latter for widths up to {TOEPLITZ_MAX_WIDTH}; "
-                         f"this one is {width})")
+                         f"'toeplitz' (the latter for widths up to {TOEPLITZ_MAX_WIDTH} and kernels "
+                         f"no wider than its tile; this is width {width}, kernel {k})")
     return requested
 
 
@@ -214,7 +218,7 @@ def forward_launch(x, weight, bias, y, pad_top, pad_left, algorithm):
     compiles the same launches for an H100)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
-    algorithm = _algorithm(W, algorithm)
+    algorithm = _algorithm(W, algorithm, K)
     block_h, block_w = _blocks(H, W, algorithm)
     bias_or_any = bias if bias is not None else weight          # not read when HAS_BIAS is False
     meta = dict(K=K, HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w)
@@ -233,7 +237,7 @@ def weight_grad_launch(x, grad_y, partial, kernel_size, pad_top, pad_left, algor
     """(kernel, grid, args, constexprs) that write the weight gradient's partial sums; `partial`
     is (partial_rows(...), C, k*k) float32."""
     B, C, H, W = x.shape
-    algorithm = _algorithm(W, algorithm)
+    algorithm = _algorithm(W, algorithm, kernel_size)
     block_h, block_w = _blocks(H, W, algorithm)
     meta = dict(K=kernel_size, BLOCK_H=block_h, BLOCK_W=block_w)
     if algorithm == "toeplitz":
@@ -247,11 +251,11 @@ def weight_grad_launch(x, grad_y, partial, kernel_size, pad_top, pad_left, algor
             (x, grad_y, partial, B, C, H, W, pad_top, pad_left, batch_chunk), meta)
 
 
-def partial_rows(shape, dtype, algorithm, batch_chunk):
+def partial_rows(shape, dtype, algorithm, batch_chunk, k):
     """How many partial sums of the weight gradient each channel gets: one per program.
     ("direct" takes batch_chunk images a program, "toeplitz" a stack of _images_per_program.)"""
     B, C, H, W = shape
-    algorithm = _algorithm(W, algorithm)
+    algorithm = _algorithm(W, algorithm, k)
     block_h, block_w = _blocks(H, W, algorithm)
     if algorithm == "toeplitz":
         batch_chunk = _images_per_program(B, block_h, dtype)
@@ -267,8 +271,14 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     y = torch.empty_like(x)
     kernel, grid, args, meta = forward_launch(x, weight.contiguous(), bias, y, pad_top, pad_left,
                                               algorithm)
-    kernel[grid](*args, **meta)
+    with on_device_of(x):
+        kernel[grid](*args, **meta)
     return y
+
+
+def on_device_of(x):
+    """Triton launches on the current CUDA device: enter x's (cuda:1, say) for the launch."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 @depthwise_conv.register_fake
@@ -283,11 +293,12 @@ def depthwise_conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, kernel_siz
     """d(loss)/d(weight), float32 (C, 1, k, k): per-program partial sums, then one small sum."""
     x, grad_y = x.contiguous(), grad_y.contiguous()
     C = x.shape[1]
-    partial = torch.empty(partial_rows(x.shape, x.dtype, algorithm, batch_chunk), C,
+    partial = torch.empty(partial_rows(x.shape, x.dtype, algorithm, batch_chunk, kernel_size), C,
                           kernel_size * kernel_size, device=x.device, dtype=torch.float32)
     kernel, grid, args, meta = weight_grad_launch(x, grad_y, partial, kernel_size, pad_top,
                                                   pad_left, algorithm, batch_chunk)
-    kernel[grid](*args, **meta)
+    with on_device_of(x):
+        kernel[grid](*args, **meta)
     return partial.sum(0).view(C, 1, kernel_size, kernel_size)
 
 
@@ -357,3 +368,23 @@ def use_fast_depthwise(model: nn.Module) -> nn.Module:
             if is_same_depthwise(child):
                 setattr(parent, name, FastDepthwiseConv2d(child))
     return model
+
+
+def check_against_conv2d(conv: nn.Conv2d, shape, amp, tolerance=3e-2) -> Optional[str]:
+    """None if FastDepthwiseConv2d(conv) computes what conv computes on a random input of `shape`
+    on conv's device (forward, input and weight gradients, autocast to `amp`, None: float32); else
+    which of them differs, and by how much relative to its largest value. The tolerance separates
+    a wrong kernel from 16-bit rounding; train_cifar runs this before --fast takes the kernels."""
+    device = conv.weight.device
+    x = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(0), requires_grad=True)
+    results = []
+    for layer in (conv, FastDepthwiseConv2d(conv)):
+        with torch.autocast(device.type, amp, enabled=amp is not None):
+            y = layer(x)
+        dy = torch.randn(y.shape, device=device, generator=torch.Generator(device).manual_seed(1)).to(y.dtype)
+        results.append((y, *torch.autograd.grad(y, (x, conv.weight), dy)))
+    for name, reference, fast in zip(("output", "input gradient", "weight gradient"), *results):
+        error = ((fast.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+        if not error <= tolerance:                        # a nan fails too
+            return f"{name} off by {error:.1e} of its largest value"
+    return None

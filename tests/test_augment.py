@@ -1,4 +1,4 @@
-"""RandAugment (trainer/randaugment.py) against timm's, and fast/augment.py's batch augmentation
+"""RandAugment (randaugment.py) against timm's, and fast/augment.py's batch augmentation
 against the readable per-image path of train_cifar.py (train_transform).
 """
 import pytest
@@ -50,7 +50,7 @@ def test_randaugment_ops_are_timms():
     # A translation by 0.25 of the side moves the image by 8 pixels and fills with the mean colour.
     moved = by_name["TranslateXRel"].apply(image, 0.25)
     assert torch.equal(moved[:, :, 8:], image[:, :, :-8])
-    assert moved[:, :, :8].float().mean((1, 2)).round().tolist() == train_cifar.CIFAR10_MEAN_PIXEL
+    assert moved[:, :, :8].float().mean((1, 2)).round().tolist() == [float(round(255 * m)) for m in train_cifar.MEAN]
 
 
 def recorded_randaugment(monkeypatch, n, **kwargs):
@@ -60,7 +60,8 @@ def recorded_randaugment(monkeypatch, n, **kwargs):
     recording = [op._replace(apply=lambda x, a, name=op.name: calls.append((name, a)) or x)
                  for op in train_cifar.RANDAUGMENT_OPS]
     monkeypatch.setattr(train_cifar, "RANDAUGMENT_OPS", recording)
-    stage = train_cifar.randaugment(train_cifar.parse_args(["--device", "cpu", *kwargs.get("argv", [])]))
+    a = train_cifar.parse_args(["--device", "cpu", *kwargs.get("argv", [])])
+    stage = train_cifar.RandAugment(train_cifar.RANDAUGMENT_OPS, a.ra_n, a.ra_m, a.ra_mstd, a.ra_p)
     torch.manual_seed(0)
     image = torch.zeros(3, 32, 32, dtype=torch.uint8)
     for _ in range(n):
@@ -92,7 +93,7 @@ def test_batched_ops_match_the_cpu_ops_image_by_image():
     from fast.augment import BATCHED_OPS
     images = sample_images(64)
     g = torch.Generator().manual_seed(0)
-    fill = train_cifar.CIFAR10_MEAN_PIXEL
+    fill = [float(round(255 * m)) for m in train_cifar.MEAN]
     for op in train_cifar.RANDAUGMENT_OPS:
         m = torch.rand(len(images), generator=g) * 10
         a = None
@@ -137,7 +138,7 @@ def test_batch_augment_equals_the_cpu_ops_for_the_drawn_parameters():
     images = sample_images(48)
     augment = batch_augment()
     params = augment.sample(len(images), torch.Generator().manual_seed(1), "cpu")
-    ours = augment(images, torch.Generator().manual_seed(2), params)
+    ours = augment.erase(augment(images, torch.Generator().manual_seed(2), params), params=params)
     mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
     for i, image in enumerate(images):
@@ -267,8 +268,9 @@ def test_batch_augment_output_statistics_match_the_cpu_path():
     images = sample_images(3000)
     torch.manual_seed(0)
     recipe = train_cifar.parse_args(["--device", "cpu"])
-    cpu = torch.stack([train_cifar.train_transform(recipe)(im) for im in images])
-    gpu = batch_augment()(images, torch.Generator().manual_seed(0))
+    cpu = train_cifar.erase_each(torch.stack([train_cifar.train_transform(recipe)(im) for im in images]), 0.25)
+    augment = batch_augment()
+    gpu = augment.erase(augment(images, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
     for c in range(3):
         assert abs(cpu[:, c].mean() - gpu[:, c].mean()) < 0.05, c
         assert abs(cpu[:, c].std() - gpu[:, c].std()) < 0.05, c

@@ -5,7 +5,7 @@
 
 The paper's CIFAR-10 runs used timm's RandAugment "rand-m9-mstd0.5-inc1" (the settings quoted in
 the official repository's issue tracker); train_cifar.py writes the same ops with torchvision
-(trainer/randaugment.py, used as train_cifar.RANDAUGMENT_OPS). This prints, for the first --n
+(randaugment.py, used as train_cifar.RANDAUGMENT_OPS). This prints, for the first --n
 training images, how many come out of the RandAugment stage unchanged and the mean absolute pixel
 change per image (0-255 scale), for timm's transform, for train_cifar.py's, and for torchvision's
 RandAugment(num_ops=2, magnitude=9) with its defaults; then the mean change of each op on its own (applied to every image, magnitude

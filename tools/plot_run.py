@@ -10,6 +10,7 @@ other epoch is singled out). A run still in progress is drawn as far as it got. 
 (requirements-dev.txt).
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import matplotlib
 matplotlib.use("Agg")                     # files only, no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer.files import read_log  # noqa: E402
-from trainer.housekeeping import Fail  # noqa: E402
+
+
+class Fail(Exception):
+    """A bad folder: one line, no traceback."""
 
 
 def curves(folder):
@@ -28,7 +30,7 @@ def curves(folder):
     log = Path(folder) / "log.jsonl"
     if not log.is_file():
         raise Fail(f"{folder}: no log.jsonl there; give the folder of a train_cifar.py run")
-    records = read_log(log)
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     epochs = {r["epoch"]: r for r in records if "train_loss" in r}       # a resume may log one again
     final = [r for r in records if r.get("final")]
     header = records[0].get("config", {}) if records else {}
