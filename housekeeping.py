@@ -142,17 +142,17 @@ def read_checkpoint(path, flag):
 
 
 def where_it_runs(device):
-    """What the log records at each start and resume: the device, the commit, the versions."""
-    def git(*command):
-        try:
-            return subprocess.run(["git", "-C", str(Path(__file__).parent), *command], capture_output=True,
-                                  text=True).stdout.strip()
-        except OSError:                   # no git here
-            return ""
+    """What the log records at each start and resume: the device, the code's commit (a copy that is no
+    checkout names it in CONVMIXER_COMMIT) and whether its Python files had changes, the versions."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "-uno", "--", "*.py"], capture_output=True).stdout
+    except OSError:                       # no git here
+        commit, dirty = "", b""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": name, "commit": git("rev-parse", "HEAD") or os.environ.get("CONVMIXER_COMMIT"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "*.py")),
+    return {"device": name, "commit": commit or os.environ.get("CONVMIXER_COMMIT"), "dirty": bool(dirty),
             "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 

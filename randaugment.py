@@ -1,13 +1,7 @@
 """RandAugment as timm's "rand-m9-mstd0.5-inc1", the setting of the paper's CIFAR-10 runs, written
 with torchvision.transforms.v2.functional from timm's auto_augment.py (_RAND_INCREASING_TRANSFORMS
-and its magnitude-to-argument rules), read as a specification.
-
-    ops = randaugment_ops(fill=[125.0, 123.0, 114.0])      # CIFAR-10's mean colour
-    stage = RandAugment(ops)                              # 2 ops per image, p 0.5, magnitude N(9, 0.5)
-    image = stage(image)                                  # uint8 (3, H, W) -> uint8 (3, H, W)
-
-train_cifar.py builds its stage from this table; fast/augment.py has a batched twin of each op,
-and the tests compare the two image by image.
+and its magnitude rules), read as a specification. train_cifar.py builds its per-image stage from
+this table; fast/augment.py has a batched twin of each op, and the tests compare the two.
 """
 import math
 from typing import Callable, NamedTuple, Optional

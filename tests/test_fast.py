@@ -33,14 +33,14 @@ def test_the_graph_steps_body_computes_what_train_step_computes():
     from fast.step import GraphStep
     model, optimizer, criterion = a_step_setup()
     reference, reference_optimizer, _ = a_step_setup()
-    step = GraphStep(model, optimizer, criterion, amp=None, clip=1.0, graph=False)
+    step = GraphStep(model, optimizer, criterion, amp=None, clip=0.05, graph=False)     # a clip that bites
     scaler = torch.amp.GradScaler(DEVICE, enabled=False)
     g = torch.Generator().manual_seed(1)
     for lr in (0.01, 0.02, 0.005):
         x = torch.randn(8, 3, 32, 32, generator=g).to(DEVICE)
         t = nn.functional.one_hot(torch.randint(10, (8,), generator=g), 10).float().to(DEVICE)
         loss, correct = step(x, t, lr)
-        expected = train_cifar.train_step(reference, reference_optimizer, scaler, criterion, x, t, lr, None, 1.0)
+        expected = train_cifar.train_step(reference, reference_optimizer, scaler, criterion, x, t, lr, None, 0.05)
         assert torch.equal(loss, expected[0]) and torch.equal(correct, expected[1])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     for a, b in zip(optimizer.state.values(), reference_optimizer.state.values()):

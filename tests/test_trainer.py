@@ -332,6 +332,10 @@ def test_every_random_choice_changes_where_the_recipe_says_and_repeats_with_the_
             for name, argv in {"unmixed": ["--mixup", "0", "--cutmix", "0"], "mixed": [],
                                "mixed again": ["--workers", "2" if path == "plain" else "0"],
                                "other seed": ["--seed", "1"]}.items()}
+    # Per epoch and seed, the order: the labels (image i has label i % 10) tell the images apart.
+    order = [t.argmax(1) for _, t in runs["unmixed"]]
+    epoch_1, epoch_2 = torch.cat(order[:4]), torch.cat(order[4:])
+    assert not torch.equal(epoch_1, epoch_2) and not torch.equal(epoch_1, torch.arange(64) % 10)
     images = torch.cat([x for x, _ in runs["unmixed"]])                    # (8 steps * 16, 3, 32, 32)
     assert len(images) == 128 and len(torch.unique(images.flatten(1), dim=0)) == 128
     lambdas = []
@@ -442,14 +446,17 @@ def test_eval_reproduces_the_logged_accuracy(reference_run, capsys):
 
 @pytest.mark.slow
 def test_val_holds_out_the_last_training_images_and_reports_them(tmp_path, monkeypatch):
-    trained, epoch_batches = [], train_cifar.epoch_batches
+    trained, held_out, epoch_batches, accuracies = [], [], train_cifar.epoch_batches, train_cifar.accuracies
     monkeypatch.setattr(train_cifar, "epoch_batches", lambda args, data, *a: trained.append(data.images) or
                         epoch_batches(args, data, *a))
+    monkeypatch.setattr(train_cifar, "accuracies", lambda model, test, val, *a, **k: held_out.append(val) or
+                        accuracies(model, test, val, *a, **k))
     run_main(*FAKE, "--epochs", "2", "--batch-size", "100", "--fake-data", "1000", "--val", "300",
              "--eval-every", "1", "--out", tmp_path / "o")
     log = read_log(tmp_path / "o")
-    images, _ = train_cifar.load_data(train_cifar.parse_args([*FAKE, "--fake-data", "1000"]), True)
+    images, labels = train_cifar.load_data(train_cifar.parse_args([*FAKE, "--fake-data", "1000"]), True)
     assert log[0]["config"]["n_train"] == 700 and torch.equal(trained[0], images[:700])
+    assert torch.equal(held_out[0][0], images[700:]) and torch.equal(held_out[0][1], labels[700:])
     assert all("val_acc" in r for r in log[1:]) and log[-1]["final"]
 
 

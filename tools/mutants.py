@@ -40,7 +40,7 @@ class Mutant(NamedTuple):
 
 AUGMENT_TESTS = "batch_augment_equals or samples_the_same_distribution or batched_ops"
 DEPTHWISE_TESTS = "matches_conv2d_float32 or toeplitz_stacks or check_against_conv2d"
-RESUME_TESTS = "kill_inside_a_write and last.pt-torn"
+RESUME_TESTS = "kill_inside_a_write and unrenamed-3"
 
 MUTANTS = [
     # The trainer (train_cifar.py)
