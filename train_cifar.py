@@ -312,6 +312,8 @@ def train(args):
             done = epoch * steps + i + 1
             loss, right = step(x, targets, one_cycle_lr(done / total, args.lr))
             loss_sum, correct = loss_sum + loss * len(x), correct + right
+            if STOPS:                      # a stop whose KeyboardInterrupt was swallowed (in a fork, say)
+                raise KeyboardInterrupt
             if time.time() - last_line >= PROGRESS_SECONDS:
                 last_line, rate = time.time(), (done - start * steps) / (time.time() - started)
                 print(f"  epoch {epoch + 1} step {i + 1}/{steps}  loss {loss.item():.3f}  "
@@ -413,30 +415,33 @@ def evaluate_checkpoint(args):
     return acc
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised wherever the run is, as Ctrl-C raises KeyboardInterrupt."""
+STOPS = []                                # the stop signals received
 
 
-def terminate(signum, frame):
-    raise Terminated
+def stop(signum, frame):
+    """Ctrl-C (SIGINT) and SIGTERM stop the run at once, wherever it is."""
+    STOPS.append(signum)
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
     args = parse_args(argv)
-    args.saved, previous = None, signal.signal(signal.SIGTERM, terminate)
+    args.saved, STOPS[:] = None, []
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return evaluate_checkpoint(args) if args.eval else train(args)
     except Fail as e:
         kept = f"; {args.out}/last.pt holds epoch {args.saved}" if args.saved else ""
         sys.exit(f"train_cifar.py: error: {e}{kept}")
-    except KeyboardInterrupt as e:
-        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+    except KeyboardInterrupt:
+        signum = STOPS[0] if STOPS else signal.SIGINT
         where = "nothing was saved" if args.saved is None else (f"{args.out}/last.pt holds epoch {args.saved}; "
                                                                 f"continue with: python train_cifar.py --resume --out {args.out}")
         print(f"\n{signal.Signals(signum).name}: stopped; {where}", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
