@@ -282,6 +282,8 @@ def train(args):
     if state:                              # weights, BatchNorm statistics, AdamW's moments, loss scale
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:   # as make_optimizer made it: fast/step.py sets its own
+            group.update(lr=float(group["lr"]), capturable=False)
         scaler.load_state_dict(state["scaler"])
     step, note = None, None
     if args.fast:                          # the fast step, or why the plain path runs instead

@@ -41,10 +41,14 @@ class GraphStep:
     def __init__(self, model, optimizer, criterion, amp, clip, graph=True):
         self.model, self.optimizer, self.criterion, self.amp, self.clip = model, optimizer, criterion, amp, clip
         self.graph, self.captured = graph, None
-        if graph:                        # AdamW reads the learning rate from the device
-            self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=next(model.parameters()).device)
+        if graph:                        # AdamW reads the learning rate and its step counts from the device
+            device = next(model.parameters()).device
+            self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
             for group in optimizer.param_groups:
                 group["capturable"], group["lr"] = True, self.lr
+            for state in optimizer.state.values():       # a run resumed from a CPU's last.pt has them there
+                if "step" in state:
+                    state["step"] = state["step"].to(device, torch.float32)
 
     def __call__(self, images, targets, lr):
         if not self.graph:
