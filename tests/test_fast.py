@@ -2,7 +2,6 @@
 Triton depthwise convolution against nn.Conv2d (on a CPU in Triton's interpreter; the bfloat16 and
 CUDA-graph checks need a GPU).
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from torch import nn
 import train_cifar
 from convmixer import ConvMixer
 from test_convmixer import randomize_
-from helpers import DEVICE, FAKE, ROOT, read_log, run_main, without_timings
+from helpers import DEVICE, FAKE, ROOT, read_log, run_main
 
 
 def a_step_setup(seed=0):

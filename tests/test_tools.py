@@ -2,10 +2,8 @@
 and its plot, and the mutants of tools/mutants.py.
 """
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
