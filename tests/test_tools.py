@@ -1,6 +1,7 @@
 """tools/: the GPU check script (with a stand-in for python on a CPU), the committed 200-epoch run
-and its plot, and the mutants of tools/mutants.py.
+and its plot, the mutants of tools/mutants.py, and the notebook's variants at full scale (tiny, on a CPU).
 """
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,11 @@ def test_gpu_check_main_starts_a_seed_then_continues_it(tmp_path):
         ["-X", "faulthandler", "train_cifar.py", "--resume", "--data", "data", "--out", str(again)]]
 
 
+def test_gpu_check_variants_runs_one_piece_of_the_tutorials_variants(tmp_path):
+    assert gpu_check_calls(tmp_path, "variants", VARIANTS_MINUTES="5") == [
+        ["tools/variants.py", "--data", "data", "--minutes", "5", "--out", f"{tmp_path}/out/tutorial_variants"]]
+
+
 MAIN_RUN = ROOT / "results" / "cifar10_convmixer_256_8_k9_p1"
 
 
@@ -113,3 +119,69 @@ def test_every_mutant_of_tools_mutants_still_applies_to_the_code():
     for m in mutants.MUTANTS:
         assert (ROOT / m.file).read_text().count(m.old) == 1, m.name
         assert m.old != m.new, m.name
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/variants.py: the notebook's comparisons at full scale
+
+sys.path.insert(0, str(ROOT / "tools"))
+import variants  # noqa: E402
+
+SHORT = {"hdim": 256, "depth": 8, "ksize": 5, "psize": 2, "n_classes": 10}
+VARIANTS_TINY = ["--fake-data", "64", "--epochs", "2", "--batch-size", "32", "--hdim", "8", "--depth", "1",
+                 "--device", "cpu", "--workers", "0"]
+
+
+def test_variants_are_the_notebooks_models_at_the_short_recipes_size():
+    """Each name builds its model from the notebook's own definitions: the paper's layout for "none",
+    the one change for the others (checked on the layers it touches), a ViT and an MLP-Mixer within
+    10% of ConvMixer-256/8's parameters; every model classifies a 32 x 32 image."""
+    models = variants.notebook_models()
+    built = {name: variants.model_for(name, dict(SHORT, psize=variants.PATCHES.get(name, 2)), models)
+             for name in variants.NAMES}
+    paper = convmixer.ConvMixer(256, 8, kernel_size=5, patch_size=2, n_classes=10)
+    assert [tuple(v.shape) for v in built["none (paper)"].state_dict().values()] == \
+        [tuple(v.shape) for v in paper.state_dict().values()]
+    kinds = lambda name, kind: sum(isinstance(m, kind) for m in built[name].modules())
+    assert kinds("BatchNorm -> LayerNorm", torch.nn.BatchNorm2d) == 0 and kinds("GELU -> ReLU", torch.nn.GELU) == 0
+    assert kinds("no residual", convmixer.Residual) == 0
+    assert isinstance(built["BatchNorm before GELU"][3][0].fn[1], torch.nn.BatchNorm2d)
+    assert built["kernel 5 -> 9"][3][0].fn[0].kernel_size == (9, 9) and built["patch 2 -> 4"][0].stride == (4, 4)
+    n = lambda name: sum(p.numel() for p in built[name].parameters())
+    for name in variants.CONTENDERS:
+        assert abs(n(name) / n("none (paper)") - 1) < 0.1, (name, n(name))
+    for name, model in built.items():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10), name
+    assert len(set(variants.FOLDER.values())) == len(variants.NAMES)
+
+
+@pytest.mark.slow
+def test_variants_run_in_pieces_that_continue_where_they_stopped(tmp_path):
+    """A piece stopped at its deadline (wherever that lands) is continued by the next, and the run ends
+    as an uninterrupted one does; summary.json holds each seed's final accuracy, the variants with all
+    3 seeds under final_test_acc, and a finished run is not trained again. The ViT's run trains the
+    ViT (its parameter count is in the log)."""
+    def pieces(out, minutes, name, *seeds):
+        result = subprocess.run([sys.executable, "tools/variants.py", "--out", str(out), "--minutes", str(minutes),
+                                 "--seeds", *seeds, "--only", name, "--", *VARIANTS_TINY],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+    vit = "ViT (dim 80, depth 8, p2)"
+    assert "all runs done" in pieces(tmp_path / "whole", 60, "none (paper)", "0", "1", "2")
+    assert "all runs done" in pieces(tmp_path / "whole", 60, vit, "0")
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert set(whole["final_test_acc"]) == {"none (paper)"} and set(whole["runs"]) == {"none (paper)", vit}
+    assert whole["final_test_acc"]["none (paper)"] == [whole["runs"]["none (paper)"][s] for s in "012"]
+    assert read_log(tmp_path / "whole" / "vit_dim_80_depth_8_p2_seed0")[0]["n_params"] == \
+        sum(p.numel() for p in variants.model_for(vit, SHORT, variants.notebook_models()).parameters())
+
+    assert "stopped at the deadline" in pieces(tmp_path / "cut", 0.05, "none (paper)", "0")
+    assert "all runs done" in pieces(tmp_path / "cut", 60, "none (paper)", "0")
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert cut["runs"]["none (paper)"]["0"] == whole["runs"]["none (paper)"]["0"]
+    assert sorted(f.name for f in (tmp_path / "cut" / "none_paper_seed0").iterdir()) == ["log.jsonl"]
+    log = tmp_path / "cut" / "none_paper_seed0" / "log.jsonl"
+    before = log.stat().st_mtime_ns
+    again = pieces(tmp_path / "cut", 60, "none (paper)", "0")
+    assert "starting" not in again and "resuming" not in again and log.stat().st_mtime_ns == before

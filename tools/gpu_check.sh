@@ -7,6 +7,7 @@
 #   bash tools/gpu_check.sh OUT_DIR tests bench grid
 #   SEED_FLAGS="<the grid's best trial>" bash tools/gpu_check.sh OUT_DIR seeds short_float16
 #   bash tools/gpu_check.sh OUT_DIR main          (then again, until it is complete)
+#   bash tools/gpu_check.sh OUT_DIR variants      (then again, until it is complete)
 #
 #   tests  the GPU tests of what training runs: the Triton kernels vs nn.Conv2d at the main job's
 #          shapes and at the widest kernels the trainer allows, their check, the batch augmentation
@@ -25,12 +26,14 @@
 #          OUT_DIR/${RUN_NAME:-cifar10_convmixer_256_8_k9_p1_seed0}. A run already there, or else
 #          committed under results/ with that name, is continued (--resume). With MAIN_SECONDS set
 #          it is stopped (SIGTERM) after that many seconds, keeping its last whole epoch in last.pt.
+#   variants  the tutorial's comparisons at full scale, python tools/variants.py for VARIANTS_MINUTES
+#          (default 8) into OUT_DIR/tutorial_variants, continuing what results/tutorial_variants holds.
 #
 # "tests" and "bench" use synthetic images. No GPU is needed to check that the kernels compile for
 # an H100 (or, with --arch, another NVIDIA GPU): python fast/check_kernels.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-[ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [grid] [seeds] [short_float16] [main]"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash tools/gpu_check.sh OUT_DIR [tests] [bench] [grid] [seeds] [short_float16] [main] [variants]"; exit 2; }
 out_dir=$1; shift
 mkdir -p "$out_dir" || exit 2
 { nvidia-smi -L; python -c "import torch, torchvision, triton; print('torch', torch.__version__, \
@@ -91,8 +94,15 @@ print(sys.argv[2], 'val_acc', r.get('val_acc'))" "$out_dir/grid_$name/log.jsonl"
         code=${PIPESTATUS[0]}
         echo "main: train_cifar.py exited with status $code" | tee -a "$out_dir/${name}_console.txt"
         [ "$code" -eq 0 ] || status=1 ;;
+    variants)
+        if [ ! -e "$out_dir/tutorial_variants" ] && [ -d results/tutorial_variants ]; then
+            cp -r results/tutorial_variants "$out_dir/" && echo "variants: continuing results/tutorial_variants"
+        fi
+        python tools/variants.py --data data --minutes "${VARIANTS_MINUTES:-8}" \
+            --out "$out_dir/tutorial_variants" 2>&1 | tee -a "$out_dir/variants.txt"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *)
-        echo "unknown step $step (tests, bench, grid, seeds, short_float16, main)"; exit 2 ;;
+        echo "unknown step $step (tests, bench, grid, seeds, short_float16, main, variants)"; exit 2 ;;
     esac
     echo "$step: $(( $(date +%s) - start )) s, status so far $status" | tee -a "$out_dir/steps.txt"
 done

@@ -1,0 +1,140 @@
+"""The tutorial's comparisons at full scale: ConvMixer-256/8 (k5, p2) with each change of the
+notebook's section 7, patch sizes 1 and 4, a ViT and an MLP-Mixer, each trained by train_cifar.py's
+short recipe (25 epochs) from 3 seeds, into results/tutorial_variants/. Meant for a GPU.
+
+    python tools/variants.py --data data --minutes 9      # one piece; run it again to go on
+
+Each run is a train_cifar.py output folder, NAME_seedS/; a finished one keeps only its log.jsonl.
+At the deadline the run in progress gets SIGTERM (train_cifar.py keeps the epochs it finished) and
+the next piece resumes it. summary.json, which the notebook reads, is rewritten after every
+finished run. The patch sizes keep the width (256), unlike the notebook's matched-FLOPs models. The models are the notebook's own:
+its cells tagged "models" are run here. Every run takes the plain path (--no-fast: the Triton
+kernels are for depthwise convolutions, which the ViT and the MLP-Mixer do not have), so all of them
+train through the same code. Arguments after -- go to train_cifar.py as they are (the tests run
+tiny versions on a CPU with them).
+"""
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_cifar  # noqa: E402
+from convmixer import ConvMixer, Residual  # noqa: E402
+from housekeeping import save_atomic  # noqa: E402
+
+# name -> the model of a train_cifar config (its hdim, depth, psize); the notebook's variant() names
+CHANGES = ["none (paper)", "BatchNorm -> LayerNorm", "BatchNorm before GELU", "GELU -> ReLU", "no residual",
+           "residual around the whole block", "4x MLP channel mixing", "kernel 5 -> 3", "kernel 5 -> 9"]
+PATCHES = {"patch 2 -> 1": 1, "patch 2 -> 4": 4}          # train_cifar's --psize for these two
+CONTENDERS = {"ViT (dim 80, depth 8, p2)": lambda models, c: models["ViT"](80, 8, heads=4, patch=2),
+              "MLP-Mixer (dim 64, depth 8, p2)": lambda models, c: models["MLPMixer"](64, 8, patch=2, token_hidden=80)}
+NAMES = CHANGES + list(PATCHES) + list(CONTENDERS)
+FOLDER = {name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") for name in NAMES}   # none_paper, ...
+
+
+def notebook_models():
+    """The classes and functions that tutorial.ipynb's cells tagged "models" define."""
+    namespace = {"torch": torch, "nn": nn, "ConvMixer": ConvMixer, "Residual": Residual}
+    for cell in json.loads((ROOT / "tutorial.ipynb").read_text())["cells"]:
+        if "models" in cell["metadata"].get("tags", []):
+            exec("".join(cell["source"]), namespace)
+    return namespace
+
+
+def model_for(name, config, models):
+    if name in CONTENDERS:
+        return CONTENDERS[name](models, config)
+    if config["ksize"] != 5:
+        raise SystemExit(f"variants.py: the kernel changes start from k5, got --ksize {config['ksize']}")
+    change = name if name in CHANGES else "none (paper)"
+    return models["variant"](change, config["hdim"], config["depth"], config["psize"])
+
+
+def train_one(name, argv):
+    """In the child process: train_cifar.py, with its model built as `name` says."""
+    models = notebook_models()
+    train_cifar.build_model = lambda config: model_for(name, config, models)
+    train_cifar.main(argv)
+
+
+def final_accuracy(run):
+    last = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    return last["test_acc"] if last.get("final") else None
+
+
+def finished(run):
+    """Whether the run has its final record; a finished run keeps only its log (the weights and AdamW states of all the runs would take hundreds of MB)."""
+    if not (run / "log.jsonl").exists() or final_accuracy(run) is None:
+        return False
+    for weights in ("last.pt", "model.pt"):
+        (run / weights).unlink(missing_ok=True)
+    return True
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "tutorial_variants")
+    p.add_argument("--data", default="data", help="CIFAR-10 root")
+    p.add_argument("--minutes", type=float, default=9.0, help="stop the run in progress after this long")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", choices=NAMES, default=NAMES, metavar="NAME", help="these variants")
+    p.add_argument("--one", choices=NAMES, help=argparse.SUPPRESS)      # the child: train this variant
+    args, train_args = p.parse_known_args()
+    train_args = [a for a in train_args if a != "--"]
+    if args.one:
+        return train_one(args.one, train_args)
+    deadline = time.monotonic() + 60 * args.minutes
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        for seed in args.seeds:
+            run = args.out / f"{FOLDER[name]}_seed{seed}"
+            if finished(run):
+                continue
+            resume = (run / "last.pt").exists()
+            argv = ["--resume", "--out", str(run), "--data", args.data] if resume else \
+                ["--recipe", "short", "--no-fast", "--seed", str(seed), "--out", str(run), "--data", args.data,
+                 *(["--psize", str(PATCHES[name])] if name in PATCHES else []), *train_args]
+            print(f"{'resuming' if resume else 'starting'} {run.name}", flush=True)
+            child = subprocess.Popen([sys.executable, __file__, "--one", name, "--", *argv])
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGTERM)               # train_cifar.py keeps its finished epochs
+                child.wait()
+                print(f"stopped at the deadline; run this command again to continue {run.name}")
+                return 0
+            if child.returncode:
+                return child.returncode
+            finished(run)
+            write_summary(args.out)
+    write_summary(args.out)
+    print(f"all runs done: {args.out / 'summary.json'}")
+    return 0
+
+
+def write_summary(out):
+    """summary.json: the final-epoch test accuracy of every finished run, by variant and seed; under
+    final_test_acc, the variants whose seeds have all finished, as the notebook reads them."""
+    runs = {}
+    for name in NAMES:
+        for log in sorted(out.glob(f"{FOLDER[name]}_seed*/log.jsonl")):
+            accuracy = final_accuracy(log.parent)
+            if accuracy is not None:
+                runs.setdefault(name, {})[int(log.parent.name.rsplit("_seed", 1)[1])] = accuracy
+    summary = {"recipe": "train_cifar.py --recipe short --no-fast", "runs": runs,
+               "final_test_acc": {name: [by_seed[s] for s in sorted(by_seed)]
+                                  for name, by_seed in runs.items() if len(by_seed) >= 3}}
+    save_atomic(json.dumps(summary, indent=1), out / "summary.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
