@@ -65,6 +65,9 @@ def test_gpu_check_main_starts_a_seed_then_continues_it(tmp_path):
 def test_gpu_check_variants_runs_one_piece_of_the_tutorials_variants(tmp_path):
     assert gpu_check_calls(tmp_path, "variants", VARIANTS_MINUTES="5") == [
         ["tools/variants.py", "--data", "data", "--minutes", "5", "--out", f"{tmp_path}/out/tutorial_variants"]]
+    assert gpu_check_calls(tmp_path / "chosen", "variants", SEED_FLAGS="--lr 0.02 --ra-m 6") == [
+        ["tools/variants.py", "--data", "data", "--minutes", "8", "--out", f"{tmp_path}/chosen/out/tutorial_variants",
+         "--", "--lr", "0.02", "--ra-m", "6"]]
 
 
 MAIN_RUN = ROOT / "results" / "cifar10_convmixer_256_8_k9_p1"
@@ -155,33 +158,43 @@ def test_variants_are_the_notebooks_models_at_the_short_recipes_size():
     assert len(set(variants.FOLDER.values())) == len(variants.NAMES)
 
 
+def test_variants_summary_lists_finished_runs_and_the_variants_with_all_three_seeds(tmp_path):
+    def run(folder, acc, final=True):
+        (tmp_path / folder).mkdir()
+        records = [{"config": {}}, {"epoch": 1, "test_acc": acc - 1}] + ([{"final": True, "test_acc": acc}] if final else [])
+        (tmp_path / folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for seed, acc in enumerate([90.0, 91.0, 92.0]):
+        run(f"none_paper_seed{seed}", acc)
+    run("gelu_relu_seed0", 89.0)
+    run("gelu_relu_seed1", 88.0, final=False)                   # stopped: not a result yet
+    variants.write_summary(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runs"] == {"none (paper)": {"0": 90.0, "1": 91.0, "2": 92.0}, "GELU -> ReLU": {"0": 89.0}}
+    assert summary["final_test_acc"] == {"none (paper)": [90.0, 91.0, 92.0]}
+
+
 @pytest.mark.slow
 def test_variants_run_in_pieces_that_continue_where_they_stopped(tmp_path):
     """A piece stopped at its deadline (wherever that lands) is continued by the next, and the run ends
-    as an uninterrupted one does; summary.json holds each seed's final accuracy, the variants with all
-    3 seeds under final_test_acc, and a finished run is not trained again. The ViT's run trains the
-    ViT (its parameter count is in the log)."""
-    def pieces(out, minutes, name, *seeds):
+    as an uninterrupted one does, keeping only its log; a finished run is not trained again. The MLP-Mixer's
+    run trains the MLP-Mixer (its parameter count is in the log)."""
+    def pieces(out, minutes, *names):
         result = subprocess.run([sys.executable, "tools/variants.py", "--out", str(out), "--minutes", str(minutes),
-                                 "--seeds", *seeds, "--only", name, "--", *VARIANTS_TINY],
+                                 "--seeds", "0", "--only", *names, "--", *VARIANTS_TINY],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
-    vit = "ViT (dim 80, depth 8, p2)"
-    assert "all runs done" in pieces(tmp_path / "whole", 60, "none (paper)", "0", "1", "2")
-    assert "all runs done" in pieces(tmp_path / "whole", 60, vit, "0")
-    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert set(whole["final_test_acc"]) == {"none (paper)"} and set(whole["runs"]) == {"none (paper)", vit}
-    assert whole["final_test_acc"]["none (paper)"] == [whole["runs"]["none (paper)"][s] for s in "012"]
-    assert read_log(tmp_path / "whole" / "vit_dim_80_depth_8_p2_seed0")[0]["n_params"] == \
-        sum(p.numel() for p in variants.model_for(vit, SHORT, variants.notebook_models()).parameters())
+    mixer = "MLP-Mixer (dim 64, depth 8, p2)"
+    assert "all runs done" in pieces(tmp_path / "whole", 60, "none (paper)", mixer)
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())["runs"]
+    assert read_log(tmp_path / "whole" / "mlp_mixer_dim_64_depth_8_p2_seed0")[0]["n_params"] == \
+        sum(p.numel() for p in variants.model_for(mixer, SHORT, variants.notebook_models()).parameters())
 
-    assert "stopped at the deadline" in pieces(tmp_path / "cut", 0.05, "none (paper)", "0")
-    assert "all runs done" in pieces(tmp_path / "cut", 60, "none (paper)", "0")
-    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
-    assert cut["runs"]["none (paper)"]["0"] == whole["runs"]["none (paper)"]["0"]
+    assert "stopped at the deadline" in pieces(tmp_path / "cut", 0.05, "none (paper)")
+    assert "all runs done" in pieces(tmp_path / "cut", 60, "none (paper)")
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["runs"]["none (paper)"] == whole["none (paper)"]
     assert sorted(f.name for f in (tmp_path / "cut" / "none_paper_seed0").iterdir()) == ["log.jsonl"]
     log = tmp_path / "cut" / "none_paper_seed0" / "log.jsonl"
     before = log.stat().st_mtime_ns
-    again = pieces(tmp_path / "cut", 60, "none (paper)", "0")
+    again = pieces(tmp_path / "cut", 60, "none (paper)")
     assert "starting" not in again and "resuming" not in again and log.stat().st_mtime_ns == before

@@ -27,7 +27,8 @@
 #          committed under results/ with that name, is continued (--resume). With MAIN_SECONDS set
 #          it is stopped (SIGTERM) after that many seconds, keeping its last whole epoch in last.pt.
 #   variants  the tutorial's comparisons at full scale, python tools/variants.py for VARIANTS_MINUTES
-#          (default 8) into OUT_DIR/tutorial_variants, continuing what results/tutorial_variants holds.
+#          (default 8) into OUT_DIR/tutorial_variants, continuing what results/tutorial_variants holds;
+#          new runs take the short recipe with SEED_FLAGS, as seeds does.
 #
 # "tests" and "bench" use synthetic images. No GPU is needed to check that the kernels compile for
 # an H100 (or, with --arch, another NVIDIA GPU): python fast/check_kernels.py.
@@ -98,8 +99,9 @@ print(sys.argv[2], 'val_acc', r.get('val_acc'))" "$out_dir/grid_$name/log.jsonl"
         if [ ! -e "$out_dir/tutorial_variants" ] && [ -d results/tutorial_variants ]; then
             cp -r results/tutorial_variants "$out_dir/" && echo "variants: continuing results/tutorial_variants"
         fi
+        # shellcheck disable=SC2086  # SEED_FLAGS (the grid's best trial) is a list of flags
         python tools/variants.py --data data --minutes "${VARIANTS_MINUTES:-8}" \
-            --out "$out_dir/tutorial_variants" 2>&1 | tee -a "$out_dir/variants.txt"
+            --out "$out_dir/tutorial_variants" ${SEED_FLAGS:+-- $SEED_FLAGS} 2>&1 | tee -a "$out_dir/variants.txt"
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *)
         echo "unknown step $step (tests, bench, grid, seeds, short_float16, main, variants)"; exit 2 ;;
