@@ -23,8 +23,10 @@ def make_fast_step(model, optimizer, criterion, amp, args, device):
     if importlib.util.find_spec("triton") is None:
         return None, "plain path: Triton is not installed here, and --fast needs it"
     from fast.depthwise import check_against_conv2d, is_same_depthwise, use_fast_depthwise
+    conv = next((m for m in model.modules() if is_same_depthwise(m)), None)
+    if conv is None:                     # a ViT, say (tools/variants.py trains the tutorial's)
+        return None, "plain path: the model has no depthwise convolution for the Triton kernels"
     side = 32 // args.psize
-    conv = next(m for m in model.modules() if is_same_depthwise(m))
     problem = check_against_conv2d(conv, (args.batch_size, args.hdim, side, side), amp)
     if problem:
         return None, f"plain path: the Triton depthwise kernels disagree with nn.Conv2d on this GPU ({problem})"

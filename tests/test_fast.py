@@ -123,6 +123,17 @@ def test_the_fast_step_is_the_readable_one_off_cuda():
     assert make_fast_step(model, optimizer, criterion, None, args, torch.device("cpu")) == (None, None)
 
 
+def test_a_model_without_depthwise_convolutions_takes_the_plain_path_with_a_note():
+    """Nothing of the GPU is touched before the answer, so a CPU can ask as for CUDA."""
+    pytest.importorskip("triton")
+    from fast.step import make_fast_step
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = train_cifar.parse_args(["--device", "cpu", "--psize", "4"])
+    step, note = make_fast_step(model, optimizer, nn.CrossEntropyLoss(), None, args, torch.device("cuda"))
+    assert step is None and note == "plain path: the model has no depthwise convolution for the Triton kernels"
+
+
 @pytest.mark.parametrize("k, side, wrong", [
     (17, 16, None), (9, 32, None), (5, 16, "weight gradient"), (5, 16, "output"),
     *[pytest.param(k, side, None, marks=pytest.mark.slow) for k, side in [(19, 16), (31, 16), (33, 32)]]])

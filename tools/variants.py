@@ -8,9 +8,10 @@ Each run is a train_cifar.py output folder, NAME_seedS/; a finished one keeps on
 At the deadline the run in progress gets SIGTERM (train_cifar.py keeps the epochs it finished) and
 the next piece resumes it. summary.json, which the notebook reads, is rewritten after every
 finished run. The patch sizes keep the width (256), unlike the notebook's matched-FLOPs models. The models are the notebook's own:
-its cells tagged "models" are run here. Every run takes the plain path (--no-fast: the Triton
-kernels are for depthwise convolutions, which the ViT and the MLP-Mixer do not have), so all of them
-train through the same code. Arguments after -- go to train_cifar.py as they are (the tests run
+its cells tagged "models" are run here. Each run takes the trainer's path for the GPU: --fast on an
+H100/H200, its kernels checked against nn.Conv2d first, except for the ViT and the MLP-Mixer, which
+have no depthwise convolution for the kernels and take the plain path (its augmentation is tested
+to sample what the fast path's does). Arguments after -- go to train_cifar.py as they are (the tests run
 tiny versions on a CPU with them).
 """
 import argparse
@@ -101,7 +102,7 @@ def main():
                 continue
             resume = (run / "last.pt").exists()
             argv = ["--resume", "--out", str(run), "--data", args.data] if resume else \
-                ["--recipe", "short", "--no-fast", "--seed", str(seed), "--out", str(run), "--data", args.data,
+                ["--recipe", "short", "--seed", str(seed), "--out", str(run), "--data", args.data,
                  *(["--psize", str(PATCHES[name])] if name in PATCHES else []), *train_args]
             print(f"{'resuming' if resume else 'starting'} {run.name}", flush=True)
             child = subprocess.Popen([sys.executable, __file__, "--one", name, "--", *argv])
@@ -130,7 +131,7 @@ def write_summary(out):
             accuracy = final_accuracy(log.parent)
             if accuracy is not None:
                 runs.setdefault(name, {})[int(log.parent.name.rsplit("_seed", 1)[1])] = accuracy
-    summary = {"recipe": "train_cifar.py --recipe short --no-fast", "runs": runs,
+    summary = {"recipe": "train_cifar.py --recipe short", "runs": runs,
                "final_test_acc": {name: [by_seed[s] for s in sorted(by_seed)]
                                   for name, by_seed in runs.items() if len(by_seed) >= 3}}
     save_atomic(json.dumps(summary, indent=1), out / "summary.json")
