@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,26 @@ def test_variants_summary_lists_finished_runs_and_the_variants_with_all_three_se
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["runs"] == {"none (paper)": {"0": 90.0, "1": 91.0, "2": 92.0}, "GELU -> ReLU": {"0": 89.0}}
     assert summary["final_test_acc"] == {"none (paper)": [90.0, 91.0, 92.0]}
+
+
+def test_a_piece_starts_no_run_that_would_not_finish_before_its_deadline(tmp_path, monkeypatch, capsys):
+    """With runs of 100 s (a made-up clock) and 4 minutes, the piece trains two and leaves the third
+    whole for the next piece instead of cutting it."""
+    clock = [0.0]
+    monkeypatch.setattr(variants.time, "monotonic", lambda: clock[0])
+
+    class Run:                                         # a child that takes 100 s and finishes its run
+        returncode = 0
+        def __init__(self, command):
+            self.out = Path(command[command.index("--out") + 1])
+        def wait(self, timeout=None):
+            clock[0] += 100
+            self.out.mkdir()
+            (self.out / "log.jsonl").write_text(json.dumps({"final": True, "test_acc": 50.0}) + "\n")
+    monkeypatch.setattr(variants.subprocess, "Popen", Run)
+    assert variants.main(["--out", str(tmp_path), "--minutes", "4", "--only", "none (paper)"]) == 0
+    assert sorted(f.name for f in tmp_path.iterdir() if f.is_dir()) == ["none_paper_seed0", "none_paper_seed1"]
+    assert "stopped before none_paper_seed2, which would not finish in the time left" in capsys.readouterr().out
 
 
 @pytest.mark.slow

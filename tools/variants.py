@@ -5,8 +5,9 @@ short recipe (25 epochs) from 3 seeds, into results/tutorial_variants/. Meant fo
     python tools/variants.py --data data --minutes 9      # one piece; run it again to go on
 
 Each run is a train_cifar.py output folder, NAME_seedS/; a finished one keeps only its log.jsonl.
-At the deadline the run in progress gets SIGTERM (train_cifar.py keeps the epochs it finished) and
-the next piece resumes it. summary.json, which the notebook reads, is rewritten after every
+A piece starts no run that its slowest run so far says would not end before the deadline; a run
+still going at the deadline gets SIGTERM (train_cifar.py keeps the epochs it finished) and the next
+piece resumes it. summary.json, which the notebook reads, is rewritten after every
 finished run. The patch sizes keep the width (256), unlike the notebook's matched-FLOPs models. The models are the notebook's own:
 its cells tagged "models" are run here. Each run takes the trainer's path for the GPU: --fast on an
 H100/H200, its kernels checked against nn.Conv2d first, except for the ViT and the MLP-Mixer, which
@@ -81,7 +82,7 @@ def finished(run):
     return True
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "results" / "tutorial_variants")
     p.add_argument("--data", default="data", help="CIFAR-10 root")
@@ -89,11 +90,11 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=NAMES, default=NAMES, metavar="NAME", help="these variants")
     p.add_argument("--one", choices=NAMES, help=argparse.SUPPRESS)      # the child: train this variant
-    args, train_args = p.parse_known_args()
+    args, train_args = p.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     if args.one:
         return train_one(args.one, train_args)
-    deadline = time.monotonic() + 60 * args.minutes
+    deadline, longest = time.monotonic() + 60 * args.minutes, 0.0   # longest: this piece's slowest run, s
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only:
         for seed in args.seeds:
@@ -104,7 +105,12 @@ def main():
             argv = ["--resume", "--out", str(run), "--data", args.data] if resume else \
                 ["--recipe", "short", "--seed", str(seed), "--out", str(run), "--data", args.data,
                  *(["--psize", str(PATCHES[name])] if name in PATCHES else []), *train_args]
+            if deadline - time.monotonic() < longest:          # it would be cut: leave it to the next piece
+                print(f"stopped before {run.name}, which would not finish in the time left; "
+                      f"run this command again to go on")
+                return 0
             print(f"{'resuming' if resume else 'starting'} {run.name}", flush=True)
+            started = time.monotonic()
             child = subprocess.Popen([sys.executable, __file__, "--one", name, "--", *argv])
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -115,6 +121,7 @@ def main():
                 return 0
             if child.returncode:
                 return child.returncode
+            longest = max(longest, time.monotonic() - started)
             finished(run)
             write_summary(args.out)
     write_summary(args.out)
