@@ -1,19 +1,19 @@
 """The tutorial's comparisons at full scale: ConvMixer-256/8 (k5, p2) with each change of the
-notebook's section 7, patch sizes 1 and 4, a ViT and an MLP-Mixer, each trained by train_cifar.py's
+notebook's section 7, kernels 3 and 9, patches 1 and 4 (at width 256, unlike the notebook's
+matched-FLOPs models), a ViT and an MLP-Mixer of about its size, each trained by train_cifar.py's
 short recipe (25 epochs) from 3 seeds, into results/tutorial_variants/. Meant for a GPU.
 
     python tools/variants.py --data data --minutes 9      # one piece; run it again to go on
 
-Each run is a train_cifar.py output folder, NAME_seedS/; a finished one keeps only its log.jsonl.
-A piece starts no run that its slowest run so far says would not end before the deadline; a run
-still going at the deadline gets SIGTERM (train_cifar.py keeps the epochs it finished) and the next
-piece resumes it. summary.json, which the notebook reads, is rewritten after every
-finished run. The patch sizes keep the width (256), unlike the notebook's matched-FLOPs models. The models are the notebook's own:
-its cells tagged "models" are run here. Each run takes the trainer's path for the GPU: --fast on an
-H100/H200, its kernels checked against nn.Conv2d first, except for the ViT and the MLP-Mixer, which
-have no depthwise convolution for the kernels and take the plain path (its augmentation is tested
-to sample what the fast path's does). Arguments after -- go to train_cifar.py as they are (the tests run
-tiny versions on a CPU with them).
+The models are the notebook's own: its cells tagged "models" are run here. Each run is a
+train_cifar.py output folder, NAME_seedS/, of which a finished one keeps only its log.jsonl;
+summary.json, which the notebook reads, is rewritten after every finished run. A piece starts no
+run that its slowest run so far says would not end before the deadline; a run still going then gets
+SIGTERM (train_cifar.py keeps the epochs it finished) and the next piece resumes it. Each run takes
+the trainer's path for the GPU (--fast on an H100/H200, its kernels checked against nn.Conv2d
+first), except the ViT and the MLP-Mixer: they have no depthwise convolution for the kernels and
+take the plain path, whose augmentation is tested to sample what the fast path's does. Arguments
+after -- go to train_cifar.py as they are (the tests run tiny versions on a CPU with them).
 """
 import argparse
 import json
@@ -37,8 +37,8 @@ from housekeeping import save_atomic  # noqa: E402
 CHANGES = ["none (paper)", "BatchNorm -> LayerNorm", "BatchNorm before GELU", "GELU -> ReLU", "no residual",
            "residual around the whole block", "4x MLP channel mixing", "kernel 5 -> 3", "kernel 5 -> 9"]
 PATCHES = {"patch 2 -> 1": 1, "patch 2 -> 4": 4}          # train_cifar's --psize for these two
-CONTENDERS = {"ViT (dim 80, depth 8, p2)": lambda models, c: models["ViT"](80, 8, heads=4, patch=2),
-              "MLP-Mixer (dim 64, depth 8, p2)": lambda models, c: models["MLPMixer"](64, 8, patch=2, token_hidden=80)}
+CONTENDERS = {"ViT (dim 80, depth 8, p2)": lambda models: models["ViT"](80, 8, heads=4, patch=2),
+              "MLP-Mixer (dim 64, depth 8, p2)": lambda models: models["MLPMixer"](64, 8, patch=2, token_hidden=80)}
 NAMES = CHANGES + list(PATCHES) + list(CONTENDERS)
 FOLDER = {name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") for name in NAMES}   # none_paper, ...
 
@@ -54,7 +54,7 @@ def notebook_models():
 
 def model_for(name, config, models):
     if name in CONTENDERS:
-        return CONTENDERS[name](models, config)
+        return CONTENDERS[name](models)
     if config["ksize"] != 5:
         raise SystemExit(f"variants.py: the kernel changes start from k5, got --ksize {config['ksize']}")
     change = name if name in CHANGES else "none (paper)"
@@ -74,7 +74,8 @@ def final_accuracy(run):
 
 
 def finished(run):
-    """Whether the run has its final record; a finished run keeps only its log (the weights and AdamW states of all the runs would take hundreds of MB)."""
+    """Whether the run has its final record. A finished run keeps only its log: the weights and AdamW
+    states of all the runs would take hundreds of MB."""
     if not (run / "log.jsonl").exists() or final_accuracy(run) is None:
         return False
     for weights in ("last.pt", "model.pt"):
@@ -86,7 +87,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "results" / "tutorial_variants")
     p.add_argument("--data", default="data", help="CIFAR-10 root")
-    p.add_argument("--minutes", type=float, default=9.0, help="stop the run in progress after this long")
+    p.add_argument("--minutes", type=float, default=9.0, help="this piece's length: no run starts that would not end in it")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=NAMES, default=NAMES, metavar="NAME", help="these variants")
     p.add_argument("--one", choices=NAMES, help=argparse.SUPPRESS)      # the child: train this variant
@@ -102,7 +103,7 @@ def main(argv=None):
             if finished(run):
                 continue
             resume = (run / "last.pt").exists()
-            argv = ["--resume", "--out", str(run), "--data", args.data] if resume else \
+            command = ["--resume", "--out", str(run), "--data", args.data] if resume else \
                 ["--recipe", "short", "--seed", str(seed), "--out", str(run), "--data", args.data,
                  *(["--psize", str(PATCHES[name])] if name in PATCHES else []), *train_args]
             if deadline - time.monotonic() < longest:          # it would be cut: leave it to the next piece
@@ -111,7 +112,7 @@ def main(argv=None):
                 return 0
             print(f"{'resuming' if resume else 'starting'} {run.name}", flush=True)
             started = time.monotonic()
-            child = subprocess.Popen([sys.executable, __file__, "--one", name, "--", *argv])
+            child = subprocess.Popen([sys.executable, __file__, "--one", name, "--", *command])
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -131,7 +132,7 @@ def main(argv=None):
 
 def write_summary(out):
     """summary.json: the final-epoch test accuracy of every finished run, by variant and seed; under
-    final_test_acc, the variants whose seeds have all finished, as the notebook reads them."""
+    final_test_acc, those of each variant with 3 seeds finished, as the notebook reads them."""
     runs = {}
     for name in NAMES:
         for log in sorted(out.glob(f"{FOLDER[name]}_seed*/log.jsonl")):
